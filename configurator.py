@@ -1,0 +1,65 @@
+"""
+nanoGPT's configurator, made strict. A script defines its settings as plain globals, then calls
+
+    config = configure(globals())
+
+which applies, in order, config files given as plain arguments (`config/t4.py`, found from the working
+directory or else from this repository) and `--key=value` flags. Unknown keys are an error that names the
+nearest known key; an int is accepted for a float; `None` can be given to any key, and any value to a key
+whose default is None; values may contain `=`. Returns the final settings as a dict.
+"""
+
+import ast
+import difflib
+import os
+import sys
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def configure(g, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    script = os.path.basename(sys.argv[0]) or "config"
+    keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
+
+    def fail(msg):
+        raise SystemExit(f"{script}: error: {msg}")
+
+    def check(key, value, where):
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            fail(f"unknown setting {key!r} in {where}" + (f"; did you mean {near[0]!r}?" if near else
+                                                              f"; known: {', '.join(sorted(keys))}"))
+        default = g[key]
+        if value is None or default is None or type(value) is type(default):
+            return value
+        if isinstance(default, float) and type(value) is int:
+            return float(value)
+        fail(f"{key} takes a {type(default).__name__} (default {default!r}), got {value!r} in {where}")
+
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file
+            path = arg if os.path.exists(arg) else os.path.join(REPO, arg)
+            if not os.path.exists(path):
+                fail(f"no config file {arg} (looked in {os.getcwd()} and {REPO})")
+            file_globals = {}
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), file_globals)
+            for k, v in file_globals.items():
+                if not k.startswith("_") and isinstance(v, (int, float, str, type(None))):
+                    g[k] = check(k, v, arg)
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                fail(f"{arg}: give settings as --key=value")
+            if raw == "None":
+                value = None
+            elif isinstance(g.get(key), str):
+                value = raw  # strings are taken as written: --device=cpu, --start=维基百科
+            else:
+                try:
+                    value = ast.literal_eval(raw)
+                except (ValueError, SyntaxError):
+                    value = raw
+            g[key] = check(key, value, arg)
+    return {k: g[k] for k in keys}

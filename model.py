@@ -1,0 +1,433 @@
+"""
+The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the student alike.
+
+- ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2 config.json.
+- Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
+- from_pretrained / save_pretrained: read and write Hugging Face Qwen2 checkpoints (safetensors).
+- generate: sampling with a KV cache.
+- distill_loss: the fused, chunked distillation loss (it never holds [B, T, V] logits).
+
+The module names follow Hugging Face's (minus the leading "model."), so loading is a rename.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936  # embedding rows; Qwen's tokenizer uses 151,665 of them, the rest is padding
+    n_layer: int = 12
+    n_head: int = 8
+    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share each K/V head
+    n_embd: int = 512
+    head_dim: int = 64
+    intermediate_size: int = 2048  # SwiGLU hidden width
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_seq_len: int = 512
+
+
+CONFIGS = {
+    # Qwen/Qwen2.5-0.5B: 494,032,768 parameters
+    "qwen2.5-0.5b": ModelConfig(n_layer=24, n_head=14, n_kv_head=2, n_embd=896, head_dim=64,
+                                intermediate_size=4864, max_seq_len=32768),
+    # the design's student: 123,426,304 parameters, 77.8M of them in the (tied) embedding
+    "student-123m": ModelConfig(n_layer=12, n_head=8, n_kv_head=2, n_embd=512, head_dim=64,
+                                intermediate_size=2048, max_seq_len=512),
+}
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32 whatever the input dtype, cast back, then scale (Qwen2: weight, not 1 + weight)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim, theta, max_seq_len, device=None):
+    # cos/sin of the rotation angles, float32, shape (max_seq_len, head_dim), in the rotate-half layout
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hs); cos, sin: (T, hs). Computed in float32 (fp16 angles lose precision), cast back.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def sdpa_gqa_ok(q):
+    # SDPA's enable_gqa (torch >= 2.5) reaches a fused kernel only through flash attention: fp16/bf16 on
+    # sm80+. The memory-efficient kernel (what a T4 or fp32 gets) rejects unequal head counts and SDPA
+    # silently falls back to the math kernel, which materializes (T, T) scores. There, expand K/V instead.
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)
+            and "enable_gqa" in F.scaled_dot_product_attention.__doc__)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=True)  # Qwen2: q/k/v biased
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # all keys/values so far: (B, nkv, pos + T, hs)
+        # a prefill (from position 0) is causal; one new token attends to everything cached
+        causal = T > 1
+        if self.n_kv_head == self.n_head:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        elif sdpa_gqa_ok(q):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        else:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim), filled at pos."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        if layer == self.k.size(0) - 1:
+            self.pos = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, verbose=True):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_rope()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+        if verbose:
+            print(f"Transformer: {self.num_params():,} parameters")
+
+    def init_rope(self, device=None):
+        # non-persistent buffers: recomputed, never saved; called again after loading onto a device
+        device = device or self.embed_tokens.weight.device
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) cast every floating buffer; the RoPE tables stay float32
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.init_rope(self.rope_cos.device)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self):
+        # For training from scratch: N(0, 0.02) for every matrix and the embedding (GPT-2 / Qwen2's
+        # initializer_range), zero biases, ones for the norms. The two projections that write into the
+        # residual stream (o_proj, down_proj) get 0.02 / sqrt(2 * n_layer), as in GPT-2, so the residual's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                p.normal_(0.0, 0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+
+    def flops_per_token(self, seq_len):
+        # forward + backward: 6 flops per weight (head included, embedding lookup not) plus attention scores
+        cfg = self.config
+        n = self.num_params() - (0 if cfg.tie_word_embeddings else self.embed_tokens.weight.numel())
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def forward(self, idx, cache=None, hidden_only=False):
+        """idx (B, T) -> logits (B, T, V) in float32, or with hidden_only=True the final hidden states
+        (B, T, D) after the last norm (the distillation loss applies the head itself, in chunks).
+        Non-finite activations anywhere reach the final hidden states, so torch.isfinite(h).all() on
+        them is the cheap check (fp16 overflow)."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        assert pos == 0 or T == 1, "the KV cache takes a prefill from position 0, then one token at a time"
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed_tokens(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        x = self.norm(x)
+        return x if hidden_only else self.lm_head(x).float()
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+        """Yields the next token of every row, (B,), one step at a time, with a KV cache."""
+        B, T = idx.shape
+        room = self.config.max_seq_len - T
+        if room <= 0:
+            raise ValueError(f"the prompt ({T} tokens) leaves no room below max_seq_len={self.config.max_seq_len}")
+        if max_new_tokens > room:
+            print(f"note: stopping after {room} new tokens, at max_seq_len={self.config.max_seq_len}",
+                  file=sys.stderr)
+            max_new_tokens = room
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.embed_tokens.weight.dtype)
+        h = self(idx, cache, hidden_only=True)[:, -1]  # prefill; the head only for the last position
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(h).float()
+            nxt = sample_next(logits, temperature, top_k, top_p)
+            yield nxt
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if done.all():
+                    return
+            if cache.pos < cache.k.size(3):
+                h = self(nxt[:, None], cache, hidden_only=True)[:, -1]
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+        """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops early once every row emitted eos_id."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True):
+        """A local Hugging Face Qwen2 directory or a hub id such as "Qwen/Qwen2.5-0.5B"."""
+        from safetensors.torch import load_file
+
+        path = resolve_pretrained(path)
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        config = config_from_hf(hf, path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):  # sharded
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
+        # built on the meta device and then assigned the loaded tensors: the weights exist once in memory
+        with torch.device("meta"):
+            model = cls(config, verbose=False)
+        sd = {}
+        for name in files:
+            for k, t in load_file(os.path.join(path, name), device=str(device)).items():
+                sd[k.removeprefix("model.")] = t.to(dtype)
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old exports carry it
+        expected = set(model.state_dict())
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+            sd.pop("lm_head.weight", None)  # a tied export may carry a copy; the embedding is the head
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: the weights do not match a Qwen2 model of its config.json: "
+                             f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        model.load_state_dict(sd, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.init_rope(torch.device(device))
+        if verbose:
+            print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
+        return model.eval()
+
+    def save_pretrained(self, out_dir, tokenizer_dir=None):
+        """Writes config.json and model.safetensors that transformers' AutoModelForCausalLM loads (plus the
+        tokenizer's files when tokenizer_dir is given). Each file goes to a temporary name, then is renamed."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = self.config
+        dtype = self.embed_tokens.weight.dtype
+        hf = {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+            "use_sliding_window": False, "attention_dropout": 0.0,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+        if tokenizer_dir is not None:
+            hf.update(special_token_ids(tokenizer_dir))
+        tensors = {}
+        for k, t in self.state_dict().items():
+            if k == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # transformers re-ties it; safetensors refuses shared storage anyway
+            tensors[k if k.startswith("lm_head") else "model." + k] = t.detach().to("cpu").contiguous()
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(out_dir, "config.json"),
+                     lambda p: open(p, "w").write(json.dumps(hf, indent=2) + "\n"))
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src):
+                atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def special_token_ids(tokenizer_dir):
+    # eos/bos/pad ids for config.json, read from the tokenizer's files without importing transformers
+    ids = {}
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+            added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+        with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+            tc = json.load(f)
+    except (OSError, ValueError):
+        return ids
+    for kind in ("bos", "eos", "pad"):
+        tok = tc.get(f"{kind}_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok in added:
+            ids[f"{kind}_token_id"] = added[tok]
+    return ids
+
+
+def resolve_pretrained(path):
+    """A local directory as is; otherwise a hub id, downloaded (config and safetensors only)."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"no model directory at {path} (and it is not a hub id like Qwen/Qwen2.5-0.5B)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # offline, unknown repo, gated: one line, and the way out
+        raise FileNotFoundError(f"could not download {path} from the Hugging Face hub "
+                                f"({type(e).__name__}); offline, pass a local directory instead") from None
+
+
+def config_from_hf(hf, path="config.json"):
+    if hf.get("model_type") != "qwen2":
+        raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}, not 'qwen2': only Qwen2 models load here")
+    if hf.get("use_sliding_window") or hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: sliding-window attention and activations other than silu are not supported")
+    rope = hf.get("rope_parameters") or {}
+    if (hf.get("rope_scaling") or {}).get("rope_type", rope.get("rope_type", "default")) != "default":
+        raise ValueError(f"{path}: only the default RoPE (no scaling) is supported")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), n_embd=hf["hidden_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' Qwen2 default
+        max_seq_len=hf.get("max_position_embeddings", 32768))
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]

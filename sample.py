@@ -1,0 +1,99 @@
+"""
+Generate text from the distilled student, or from any Qwen2 checkpoint (the teacher too):
+
+    python sample.py                                   # the student in out/
+    python sample.py --init_from=Qwen/Qwen2.5-0.5B     # the teacher, through our model.py
+    python sample.py --init_from=out/hf --start=FILE:prompt.txt --temperature=0
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from model import ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+init_from = "out"  # a distill.py out_dir (its ckpt.pt), a Hugging Face directory, or a hub id
+start = "维基百科是"  # the prompt, or FILE:path to read it from a file
+num_samples = 3  # samples to draw, one after the other
+max_new_tokens = 200  # tokens per sample (fewer if the model's max_seq_len is reached first)
+temperature = 0.8  # 0 = greedy; < 1 sharper, > 1 more random
+top_k = 200  # keep only the k most likely tokens (None: all)
+top_p = None  # nucleus sampling: keep the most likely tokens up to this mass (None: all)
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 where supported, else float16
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+
+def load(init_from, device, dtype):
+    """-> (model, tokenizer directory or hub id)."""
+    ckpt_path = os.path.join(init_from, "ckpt.pt")
+    if os.path.exists(ckpt_path):  # a distill.py run, mid-training or finished
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
+        model.load_state_dict(ckpt["model"], assign=True)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.init_rope(torch.device("cpu"))
+        hf_dir = os.path.join(init_from, "hf")
+        tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt["tokenizer"]
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
+    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
+        raise FileNotFoundError(f"{init_from} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
+                                f"(a Hugging Face model directory)")
+    from model import resolve_pretrained
+    path = resolve_pretrained(init_from)  # downloads a hub id once, so the tokenizer comes from the same place
+    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
+
+
+def main():
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dtype == "auto":
+        dt = torch.float32 if device == "cpu" else (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    elif dt is None:
+        raise SystemExit(f"sample.py: error: dtype={dtype!r}; use float32, bfloat16, float16 or auto")
+    try:
+        model, tok_path = load(init_from, device, dt)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"sample.py: error: {e}".splitlines()[0])
+    prompt = start
+    if prompt.startswith("FILE:"):
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise SystemExit(f"sample.py: error: cannot read the prompt file: {e}")
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if not ids:
+        raise SystemExit("sample.py: error: the prompt is empty; give some text with --start")
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    print(f"{init_from}: {model.num_params():,} parameters, {dt}, {device}", file=sys.stderr)
+    for _ in range(num_samples):
+        out, shown, t0 = list(ids), tokenizer.decode(ids, skip_special_tokens=True), time.time()
+        print(shown, end="", flush=True)
+        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=tokenizer.eos_token_id):
+            if tok.item() == tokenizer.eos_token_id:
+                break
+            out.append(tok.item())
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are still arriving
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        new = len(out) - len(ids)
+        print("\n---------------", flush=True)
+        print(f"{new} tokens, {new / (time.time() - t0):.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny BPE tokenizer and a tiny random Qwen2 checkpoint, made here, offline."""
+
+import os
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CORPUS = [
+    "维基百科是一个自由内容、公开编辑且多语言的网络百科全书协作计划。",
+    "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
+    "长江是亚洲最长的河流，全长约六千三百公里。",
+    "Python 是一种广泛使用的高级编程语言, released in 1991.",
+    "数学是研究数量、结构、变化以及空间等概念的一门学科。",
+    "The quick brown fox jumps over the lazy dog 123 次。",
+]
+
+
+def make_tokenizer(out_dir, texts=CORPUS, vocab_size=300):
+    """Trains a byte-level BPE on texts and saves it as a transformers tokenizer with <|endoftext|> as EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):
+    """A tiny random Qwen2 checkpoint exported through model.py (random biases and norm weights too)."""
+    import torch
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                intermediate_size=48, max_seq_len=128, rope_theta=10000.0)
+    args.update(kw)
+    model = Transformer(ModelConfig(**args), verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(out_dir), tokenizer_dir=tokenizer_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    return make_model_dir(tmp_path_factory.mktemp("model"), tokenizer_dir)
