@@ -431,3 +431,172 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# Distillation loss: fused LM head + KL/CE, chunked over tokens, never materializing the
+# full [B*T, V] logits. Over the valid tokens i (targets != ignore_index), with tau the
+# temperature and logits z = h @ w[:vocab_size].T (ids >= vocab_size, Qwen's padding rows,
+# are excluded from both softmaxes):
+#   p_s = softmax(z_s / tau), p_t = softmax(z_t / tau)
+#   kl_i  = sum_v p_t (log p_t - log p_s)                  forward KL(p_t || p_s)
+#   ce_i  = -log softmax(z_s)[target_i]                    at tau = 1
+#   loss  = (alpha * tau^2 * sum_i div_i + (1 - alpha) * sum_i ce_i) / N
+# div is the divergence picked by `kind` (kl for "forward_kl"); N is `normalizer`, by default
+# this call's count of valid tokens. Under gradient accumulation / DDP pass the valid-token count
+# of the whole optimizer step, so the micro-steps' losses add up to the step's mean.
+# kinds (all with the tau^2 factor):
+#   forward_kl  KL(p_t || p_s), mass-covering: the student spreads over every teacher mode. The
+#               standard for distilling on a fixed corpus (teacher forcing); the default.
+#   reverse_kl  KL(p_s || p_t), mode-seeking: the student may drop the teacher's low-probability
+#               tail. Helps a much smaller student on generation quality (MiniLLM), mostly with
+#               student-generated (on-policy) text; on a fixed corpus it usually gives worse CE.
+#   jsd         generalized JSD as in GKD: M = beta p_t + (1 - beta) p_s,
+#               jsd = beta KL(p_t || M) + (1 - beta) KL(p_s || M), bounded by the binary entropy
+#               of beta (<= log 2). ~ beta * forward KL as beta -> 0, ~ (1 - beta) * reverse KL as
+#               beta -> 1. Less swayed by teacher-tail tokens; GKD found it best on-policy.
+# Gradients are analytic and computed in the forward pass, chunk by chunk (a backward that
+# recomputed the chunks would redo the teacher matmul, the most expensive one); u = z_s / tau:
+#   d(tau^2 KL(p_t||p_s))/dz_s = tau (p_s - p_t)
+#   d(tau^2 KL(p_s||p_t))/dz_s = tau p_s (log p_s - log p_t - KL(p_s||p_t))
+#   d(tau^2 JSD)/dz_s          = tau (1 - beta) p_s (r - sum_v p_s r),  r = log p_s - log M
+#   d ce / dz_s                = softmax(z_s) - onehot(target)
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _rowdot(a, b, out):  # sum_v a * b per row: [C, V] x [C, V] -> [C, 1]; out: [C, V] scratch
+    return torch.mul(a, b, out=out).sum(-1, keepdim=True)  # (bmm is faster, less accurate)
+
+
+def _kd_chunk(zs, zt, y, scratch, alpha, tau, kind, beta, need_grad):
+    """Per-token terms of one chunk of C valid tokens. zs, zt: [C, V] float32 logits (zt None:
+    CE only), y: [C, 1]. All math is in place in zs, zt and scratch ([3, >=C, V]): no [C, V]
+    allocation. With need_grad, zs ends up holding dL/dz_s of the unnormalized loss.
+    Returns the chunk's sums of [ce, kl, div, top1] (the last three 0 without a teacher)."""
+    lq, ls, lt = (buf[:len(y)] for buf in scratch)
+    torch.log_softmax(zs, -1, out=lq)                   # log softmax(z_s), tau = 1     [C, V]
+    ce = -lq.gather(1, y)                               # [C, 1]
+    if zt is None:
+        kl = div = top1 = zs.new_zeros(())
+    else:  # the student agrees if its logit at the teacher's argmax is its max (argmax is slow)
+        top1 = (zs.gather(1, zt.argmax(-1, keepdim=True)) >= zs.amax(-1, keepdim=True)).sum()
+        torch.log_softmax(zs.div_(tau), -1, out=ls)     # log p_s
+        torch.log_softmax(zt.div_(tau), -1, out=lt)     # log p_t; from here zs is scratch
+        torch.exp(lt, out=zt)                           # zt = p_t
+        kl = _rowdot(zt, torch.sub(lt, ls, out=zs), zs)  # KL(p_t || p_s)               [C, 1]
+        if kind == "forward_kl":                        # zs = g = tau (p_s - p_t)
+            div = kl
+            torch.sub(ls.exp_(), zt, out=zs).mul_(tau)
+        elif kind == "reverse_kl":                      # zs = g = tau p_s (r - div)
+            r, ps = torch.sub(ls, lt, out=zs), torch.exp(ls, out=lt)  # r = log p_s - log p_t
+            div = _rowdot(ps, r, ls)                    # KL(p_s || p_t)
+            r.sub_(div).mul_(ps).mul_(tau)
+        else:  # jsd; log M = log(1-beta) + logaddexp(log p_t + log(beta/(1-beta)), log p_s)
+            lm = torch.add(lt, math.log(beta) - math.log1p(-beta), out=zs)
+            torch.logaddexp(lm, ls, out=lm).add_(math.log1p(-beta))
+            kl_tm = _rowdot(zt, lt.sub_(lm), lt)        # KL(p_t || M)
+            r, ps = torch.sub(ls, lm, out=zs), torch.exp(ls, out=zt)  # r = log p_s - log M
+            kl_sm = _rowdot(ps, r, lt)                  # KL(p_s || M)
+            div = beta * kl_tm + (1 - beta) * kl_sm
+            r.sub_(kl_sm).mul_(ps).mul_(tau * (1 - beta))  # zs = g = tau (1-beta) p_s (r - kl_sm)
+        kl, div, top1 = kl.sum(), div.sum(), top1.float()
+    if need_grad:  # zs = dz = alpha * g + (1 - alpha) * (softmax(z_s) - onehot(y))
+        q = lq.exp_()
+        if alpha == 0:
+            zs.copy_(q)
+        else:
+            zs.mul_(alpha).add_(q, alpha=1 - alpha)
+        zs.scatter_add_(1, y, zs.new_full(y.shape, alpha - 1))
+    return torch.stack([ce.sum(), kl, div, top1])
+
+
+class _KDLossFn(torch.autograd.Function):
+    """Forward computes the loss and, per chunk, grad_h_s and grad_w_s (float32); backward only
+    scales them by grad_output / N. A second backward through the same graph is an error."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, norm, alpha, tau, vocab, ignore_index, kind,
+                beta, chunk_size, need_h, need_w):
+        hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
+        ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
+        y = targets.reshape(-1).long()
+        idx = (y != ignore_index).nonzero().squeeze(1)             # [n] valid rows (a host sync)
+        ws = w_s[:vocab].float()                                   # [vocab, D_s], once per call
+        wt = w_t[:vocab].float() if w_t is not None else None     # [vocab, D_t], no grad
+        n, dev, f32 = idx.numel(), hs.device, torch.float32
+        grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if need_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if need_w else None
+        sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
+        # five [C, vocab] buffers, allocated once per call: a fresh one per chunk costs page faults
+        C = min(chunk_size, n)
+        zs_buf = torch.empty(C, vocab, dtype=f32, device=dev)
+        zt_buf = torch.empty(C, vocab, dtype=f32, device=dev) if ht is not None else None
+        scratch = torch.empty(3, C, vocab, dtype=f32, device=dev)
+        for i in range(0, n, chunk_size):
+            ix = idx[i:i + chunk_size]
+            h_c, y_c = hs[ix].float(), y[ix, None]                 # [C, D_s], [C, 1]
+            zs = torch.mm(h_c, ws.T, out=zs_buf[:len(ix)])         # [C, vocab]
+            zt = torch.mm(ht[ix].float(), wt.T, out=zt_buf[:len(ix)]) if ht is not None else None
+            sums += _kd_chunk(zs, zt, y_c, scratch, alpha, tau, kind, beta, need_h or need_w)
+            if need_h:                                             # zs now holds dL/dz_s
+                grad_h.index_copy_(0, ix, zs @ ws)
+            if need_w:
+                grad_w[:vocab].addmm_(zs.T, h_c)                   # padding rows stay 0
+        del zs_buf, zt_buf, scratch
+        n_t = torch.tensor(float(n), device=dev)
+        N = n_t.clamp(min=1) if norm is None else norm.clamp(min=1e-12)  # 0 tokens: loss 0, no NaN
+        ce, kl, div, top1 = (sums / N).unbind()
+        loss = alpha * tau * tau * div + (1 - alpha) * ce
+        ctx.grads, ctx.N = (grad_h, grad_w), N
+        ctx.h_meta, ctx.w_dtype = (h_s.shape, h_s.dtype), w_s.dtype
+        stats = torch.stack([ce, kl, div, top1, n_t])
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        if ctx.grads is None:
+            raise RuntimeError("distill_loss: backward through the same call twice is unsupported")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        scale = grad_loss / ctx.N                                  # in place: no extra V x D copy
+        if grad_h is not None:
+            grad_h = grad_h.mul_(scale).view(ctx.h_meta[0]).to(ctx.h_meta[1])
+        if grad_w is not None:
+            grad_w = grad_w.mul_(scale).to(ctx.w_dtype)
+        return (grad_h, grad_w) + (None,) * 13
+
+
+def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_size=None,
+                 ignore_index=-100, kind="forward_kl", chunk_size=256, beta=0.5, normalizer=None):
+    """Fused chunked distillation loss, see the comment above. h_s [B, T, D_s] student hidden
+    states after the final norm, w_s [V, D_s] student head; h_t [B, T, D_t], w_t [V, D_t] teacher's
+    (no gradient; both None -> CE only, needs alpha == 0); targets [B, T] (int64).
+    normalizer: number or 0-dim tensor to divide the summed terms by (default: valid tokens here).
+    Returns (loss, stats), stats of detached 0-dim float32 tensors: ce, kl (always forward KL at
+    this temperature, without tau^2), div (the `kind` divergence), top1 (student/teacher argmax
+    agreements), all summed over tokens and divided by the normalizer; n (valid tokens here)."""
+    if kind not in KD_KINDS:
+        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if kind == "jsd" and not 0 < beta < 1:
+        raise ValueError("jsd needs 0 < beta < 1 (its ends are 0; use forward_kl/reverse_kl)")
+    if (h_t is None) != (w_t is None) or (h_t is None and alpha != 0):
+        raise ValueError("without a teacher (h_t = w_t = None) only CE is computed: alpha = 0")
+    vocab = w_s.shape[0] if vocab_size is None else vocab_size
+    assert 0 < vocab <= w_s.shape[0] and (w_t is None or vocab <= w_t.shape[0])
+    if normalizer is not None:
+        if isinstance(normalizer, (int, float)) and normalizer < 0:
+            raise ValueError(f"normalizer must be >= 0, got {normalizer}")
+        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=h_s.device)
+    grad_on = torch.is_grad_enabled()
+    loss, s = _KDLossFn.apply(h_s, w_s, h_t, w_t, targets, normalizer, float(alpha),
+                              float(temperature), vocab, ignore_index, kind, float(beta),
+                              int(chunk_size), grad_on and h_s.requires_grad,
+                              grad_on and w_s.requires_grad)
+    if h_t is None:
+        return loss, {"ce": s[0], "n": s[4]}
+    return loss, {"ce": s[0], "kl": s[1], "div": s[2], "top1": s[3], "n": s[4]}

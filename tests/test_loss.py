@@ -1,0 +1,217 @@
+"""Tests of the fused distillation loss against a plain full-logits float64 reference.
+
+Tolerances: the fused loss runs in float32, so values and gradients are checked at rtol 1e-5
+against float64. Gradient entries are sums over V (grad_h) or over tokens (grad_w) of terms of
+either sign; an entry that cancels to ~0 keeps an absolute float32 rounding error of ~1e-7 times
+the size of its terms, so it cannot be relatively accurate: atol = 1e-6 * max|grad| covers those.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import distill_loss  # noqa: E402
+
+B, T, V, D_S, D_T = 3, 11, 157, 16, 24  # B*T = 33 tokens, V not a multiple of anything
+
+
+def make_inputs(seed=0, vocab=V - 20, n_ignore=5, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, D_S, generator=g) * scale
+    w_s = torch.randn(V, D_S, generator=g) * 0.5
+    h_t = torch.randn(B, T, D_T, generator=g) * scale
+    w_t = torch.randn(V, D_T, generator=g) * 0.5
+    targets = torch.randint(0, vocab, (B, T), generator=g)
+    targets.view(-1)[torch.randperm(B * T, generator=g)[:n_ignore]] = -100
+    return [x.to(dtype) for x in (h_s, w_s, h_t, w_t)] + [targets]
+
+
+def reference(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_size=None,
+              kind="forward_kl", beta=0.5, normalizer=None):
+    """The plain loss, float64, full logits. Returns loss, stats dict, grad_h_s, grad_w_s."""
+    hs = h_s.detach().double().requires_grad_()
+    ws = w_s.detach().double().requires_grad_()
+    vocab = V if vocab_size is None else vocab_size
+    mask = targets != -100
+    assert (targets[mask] < vocab).all()
+    n = mask.sum().item()
+    N = max(n, 1) if normalizer is None else float(normalizer)
+    zs = (hs @ ws[:vocab].T)[mask]                                    # [n, vocab]
+    ce = F.cross_entropy(zs, targets[mask], reduction="sum") / N
+    stats = {"ce": ce, "n": torch.tensor(float(n))}
+    loss = (1 - alpha) * ce
+    if h_t is not None:
+        zt = (h_t.double() @ w_t.double()[:vocab].T)[mask]
+        ls, lt = F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1)
+        ps, pt = ls.exp(), lt.exp()
+        kl = (pt * (lt - ls)).sum() / N
+        if kind == "forward_kl":
+            div = kl
+        elif kind == "reverse_kl":
+            div = (ps * (ls - lt)).sum() / N
+        else:
+            m = beta * pt + (1 - beta) * ps
+            div = (beta * (pt * (pt.log() - m.log())).sum()
+                   + (1 - beta) * (ps * (ps.log() - m.log())).sum()) / N
+        loss = loss + alpha * temperature ** 2 * div
+        top1 = (zs.argmax(-1) == zt.argmax(-1)).sum() / N
+        stats.update(kl=kl, div=div, top1=top1)
+    loss.backward()
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, hs.grad, ws.grad
+
+
+def fused(h_s, w_s, h_t, w_t, targets, **kw):
+    h_s = h_s.detach().clone().requires_grad_()
+    w_s = w_s.detach().clone().requires_grad_()
+    loss, stats = distill_loss(h_s, w_s, h_t, w_t, targets, **kw)
+    loss.backward()
+    return loss.detach(), stats, h_s.grad, w_s.grad
+
+
+def close(actual, expected, rtol=1e-5, atol_frac=1e-6):
+    atol = atol_frac * expected.abs().max().item() if expected.numel() > 1 else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+def check_against_reference(inputs, rtol=1e-5, **kw):
+    l, s, gh, gw = fused(*inputs, **kw)
+    kw.pop("chunk_size", None)
+    rl, rs, rgh, rgw = reference(*inputs, **kw)
+    assert l.dtype == torch.float32 and all(v.dtype == torch.float32 for v in s.values())
+    assert all(v.dim() == 0 and not v.requires_grad for v in s.values())
+    assert s.keys() == rs.keys()
+    close(l, rl, rtol)
+    for k in rs:
+        close(s[k], rs[k], rtol)
+    close(gh, rgh, rtol)
+    close(gw, rgw, rtol)
+    return s, gw
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_matches_reference(kind, temperature, alpha):
+    vocab = V - 20  # the last 20 rows are padding: excluded from softmaxes, no gradient
+    s, gw = check_against_reference(make_inputs(), alpha=alpha, temperature=temperature,
+                                    vocab_size=vocab, kind=kind, chunk_size=8)
+    assert torch.all(gw[vocab:] == 0)
+    if kind == "forward_kl":
+        assert torch.equal(s["div"], s["kl"])
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+def test_jsd_beta(beta):
+    s, _ = check_against_reference(make_inputs(1), kind="jsd", beta=beta, vocab_size=None)
+    binary_entropy = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+    assert 0 < s["div"].item() <= binary_entropy
+
+
+def test_vocab_none_uses_all_rows():
+    check_against_reference(make_inputs(2, vocab=V), vocab_size=None, chunk_size=5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 28, 100])  # 28 valid tokens
+def test_chunk_size_does_not_matter(chunk_size):
+    base = fused(*make_inputs(3), chunk_size=4)
+    other = fused(*make_inputs(3), chunk_size=chunk_size)
+    for a, b in zip(base[:1] + base[2:], other[:1] + other[2:]):
+        close(a, b)
+    for k in base[1]:
+        close(base[1][k], other[1][k])
+
+
+def test_chunk_larger_than_row_block():
+    # > 32 valid rows in one chunk: the elementwise math runs in several row blocks
+    h_s, w_s, h_t, w_t, y = make_inputs(4, n_ignore=0)
+    cat = lambda x: torch.cat([x, x.flip(0), x.roll(1, 1)])  # noqa: E731  B = 9: 99 tokens
+    check_against_reference([cat(h_s), w_s, cat(h_t), w_t, cat(y)], chunk_size=64)
+
+
+def test_gradient_accumulation():
+    """Two micro-batches with normalizer = the step's token count add up to one big call."""
+    h_s, w_s, h_t, w_t, y = make_inputs(5)
+    y[0, :4] = -100  # unequal valid counts in the two halves
+    total = (y != -100).sum()
+    parts = [fused(h_s[sl], w_s, h_t[sl], w_t, y[sl], normalizer=norm)
+             for sl, norm in [(slice(0, 1), total), (slice(1, B), int(total))]]  # tensor, int
+    whole = fused(h_s, w_s, h_t, w_t, y)
+    close(parts[0][0] + parts[1][0], whole[0])
+    close(torch.cat([parts[0][2], parts[1][2]]), whole[2])
+    close(parts[0][3] + parts[1][3], whole[3])
+    for k in ("ce", "kl", "div", "top1"):
+        close(parts[0][1][k] + parts[1][1][k], whole[1][k])
+    assert parts[0][1]["n"] + parts[1][1]["n"] == total
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    """Half inputs are computed in float32: loss and stats float32-accurate for those inputs;
+    the gradients come back in the input dtype, so they carry its rounding (~1e-3 / 8e-3)."""
+    inputs = make_inputs(6, dtype=dtype)
+    l, s, gh, gw = fused(*inputs, vocab_size=V - 20)
+    rl, rs, rgh, rgw = reference(*inputs, vocab_size=V - 20)
+    assert gh.dtype == dtype and gw.dtype == dtype
+    close(l, rl)
+    for k in rs:
+        close(s[k], rs[k])
+    tol = 2 * torch.finfo(dtype).eps
+    close(gh, rgh, rtol=tol, atol_frac=tol)
+    close(gw, rgw, rtol=tol, atol_frac=tol)
+
+
+def test_ce_only_matches_cross_entropy():
+    h_s, w_s, _, _, y = make_inputs(7)
+    l, s, gh, gw = fused(h_s, w_s, None, None, y, alpha=0.0, vocab_size=V - 20, chunk_size=6)
+    assert set(s) == {"ce", "n"}
+    hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    ref = F.cross_entropy((hs @ ws[:V - 20].T).view(-1, V - 20), y.view(-1), ignore_index=-100)
+    ref.backward()
+    close(l, ref.detach())
+    close(s["ce"], ref.detach())
+    close(gh, hs.grad)
+    close(gw, ws.grad)
+    assert torch.all(gw[V - 20:] == 0)
+    with pytest.raises(ValueError):
+        distill_loss(h_s, w_s, None, None, y, alpha=0.5)
+
+
+def test_no_valid_tokens():
+    h_s, w_s, h_t, w_t, y = make_inputs(8)
+    y[:] = -100
+    for norm in (None, 0, torch.tensor(0.0)):
+        l, s, gh, gw = fused(h_s, w_s, h_t, w_t, y, normalizer=norm)
+        assert l.item() == 0 and gh.abs().sum() == 0 and gw.abs().sum() == 0
+        assert all(torch.isfinite(v) for v in s.values()) and s["n"] == 0
+
+
+def test_grad_output_scaling_and_no_grad():
+    inputs = make_inputs(9)
+    h_s = inputs[0].clone().requires_grad_()
+    loss, _ = distill_loss(h_s, *inputs[1:])
+    (3 * loss + h_s.sum()).backward()  # the loss inside a larger graph
+    _, _, gh, _ = fused(*inputs)
+    close(h_s.grad, 3 * gh + 1)
+    with torch.no_grad():
+        l2, _ = distill_loss(inputs[0].requires_grad_(), *inputs[1:])
+    assert not l2.requires_grad
+    close(l2, loss.detach())
+
+
+def test_large_logits_stay_finite():
+    # logits of +-hundreds: probabilities underflow to 0; log-space math keeps everything finite
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        l, s, gh, gw = fused(*make_inputs(10, scale=100.0), kind=kind, temperature=1.0)
+        assert torch.isfinite(l) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+
+
+def test_bad_arguments():
+    inputs = make_inputs(11)
+    for kw in (dict(temperature=0.0), dict(alpha=1.5), dict(kind="kl"),
+               dict(kind="jsd", beta=0.0), dict(normalizer=-1)):
+        with pytest.raises(ValueError):
+            distill_loss(*inputs, **kw)
