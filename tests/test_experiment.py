@@ -1,0 +1,29 @@
+"""experiments/kd_vs_ce.py end to end at its smallest setting: tokenizer, prepare, teacher, two students, table."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+from conftest import CORPUS, REPO
+
+
+def test_kd_vs_ce_tiny(tmp_path):
+    rng = random.Random(0)
+    with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(80):
+            f.write(json.dumps({"text": "".join(rng.sample(CORPUS, 3))}, ensure_ascii=False) + "\n")
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), "--size=tiny",
+                        f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| distilled (alpha 0.5) |" in r.stdout and "| CE only (alpha 0) |" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["teacher_val_ce"] > 0
+    for name in ("kd", "ce"):
+        (row,) = res[name]
+        assert row["iter"] == 8 and row["val_ce"] > 0 and 0 <= row["val_top1"] <= 1 and row["val_kl"] >= 0
+    assert (out / "teacher" / "hf" / "model.safetensors").exists()
+    assert (out / "results.md").read_text().startswith("teacher val CE")
