@@ -7,10 +7,15 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py step       # a whole distillation step vs the same step written with transformers
 
 Timings interleave the two sides and report medians; memory sections run each side in its own process.
+prepare needs ../shared/data (or --data/--tokenizer paths in bench_prepare's arguments); the loss's reference
+needs ~19 GB of free RAM and the step's ~7 GB.
 """
 
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +69,25 @@ def machine():
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def run_child(fn, **kwargs):
+    """Runs fn(**kwargs) of this file in a fresh process and returns the dict it prints: a side's peak RSS
+    (ru_maxrss) is then its own."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", fn.__name__, json.dumps(kwargs)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench.py: {fn.__name__}({kwargs}) failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+
+
+def available_bytes():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
 # -----------------------------------------------------------------------------
 # model.py vs transformers
 
@@ -112,11 +136,227 @@ def bench_model(T=512, repeats=3, prompt_len=32, new_tokens=128):
     table(["what", "tokens/s", "vs transformers"], rows)
 
 
+# -----------------------------------------------------------------------------
+# prepare.py vs the bare tokenizer
+
+SHARED = os.path.join(REPO, "..", "shared", "data")
+# the bare tokenizer: load it, batch-encode the same documents, one EOS each, write the array
+BARE = r"""
+import json, sys
+import numpy as np
+from transformers import AutoTokenizer
+data, tokenizer, out = sys.argv[1:]
+tok = AutoTokenizer.from_pretrained(tokenizer)
+docs = [json.loads(line)["text"] for line in open(data, encoding="utf-8")]
+ids = []
+for i in range(0, len(docs), 1000):
+    for e in tok.backend_tokenizer.encode_batch_fast(docs[i:i + 1000], add_special_tokens=False):
+        ids += e.ids + [tok.eos_token_id]
+np.array(ids, dtype=np.uint32).tofile(out)
+"""
+
+
+def run_command(cmd):
+    """Wall seconds and peak RSS bytes of a command, each in a fresh meter process (RUSAGE_CHILDREN keeps
+    the largest child a process ever waited for)."""
+    meter = ("import resource, subprocess, sys, time; t0 = time.time(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+             "print(time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", meter, *cmd], capture_output=True, text=True,
+                       env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
+    if r.returncode != 0:
+        raise SystemExit(f"bench.py: {' '.join(cmd[:3])} ... failed:\n{r.stderr[-2000:]}")
+    wall, rss_kb = r.stdout.split()
+    return float(wall), int(rss_kb) * 1024
+
+
+def bench_prepare(data=os.path.join(SHARED, "zh_wiki_sample.jsonl"), tokenizer=os.path.join(SHARED, "qwen2.5-tokenizer"),
+                  copies=11, repeats=2):
+    """~17 MB: the 1.6 MB zh Wikipedia sample repeated 11 times. Each side is a fresh process (start, imports
+    and tokenizer load included), the sides alternate, medians compared."""
+    if not (os.path.exists(data) and os.path.isdir(tokenizer)):
+        raise SystemExit(f"bench.py: prepare needs {data} and {tokenizer}")
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(data, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.writelines(lines * copies)
+        texts = [json.loads(line)["text"] for line in lines]
+        mb, chars, docs = (copies * x for x in (sum(len(t.encode()) for t in texts) / 1e6, sum(map(len, texts)), len(texts)))
+        sides = {"bare tokenizer": [sys.executable, "-c", BARE, corpus, tokenizer, os.path.join(tmp, "bare.bin")],
+                 "prepare.py": [sys.executable, os.path.join(REPO, "prepare.py"), f"--input={corpus}",
+                                f"--tokenizer={tokenizer}", f"--out_dir={os.path.join(tmp, 'out')}", "--force"]}
+        runs = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side, cmd in sides.items():
+                runs[side].append(run_command(cmd))
+        with open(os.path.join(tmp, "out", "meta.json")) as f:
+            meta = json.load(f)
+        tokens = os.path.getsize(os.path.join(tmp, "bare.bin")) // 4
+        assert tokens == meta["train_tokens"] + meta["val_tokens"] and meta["train_docs"] + meta["val_docs"] == docs
+    print(f"{mb:.1f} MB of text, {docs:,} documents, {tokens:,} tokens ({chars / (tokens - docs):.2f} characters per "
+          f"token, EOS not counted); medians of {repeats} interleaved runs ({machine()})\n")
+    wall = {side: statistics.median(w for w, _ in runs[side]) for side in sides}
+    rss = {side: max(r for _, r in runs[side]) for side in sides}
+    table(["side", "wall s", "MB/s", "peak RSS MB", "wall vs bare"],
+          [[side, f"{wall[side]:.2f}", f"{mb / wall[side]:.2f}", f"{rss[side] / 1e6:.0f}",
+            f"{wall[side] / wall['bare tokenizer']:.2f}x"] for side in sides])
+
+
+# -----------------------------------------------------------------------------
+# the fused distillation loss vs the plain full-logits loss
+
+
+def plain_loss(z_s, z_t, targets, alpha=0.5, temperature=2.0, ignore_index=-100):
+    """The loss as a careful but naive user writes it: full (B, T, V) logits, the right normalizer."""
+    mask = targets != ignore_index
+    kl = F.kl_div(F.log_softmax(z_s / temperature, -1), F.log_softmax(z_t / temperature, -1),
+                  reduction="none", log_target=True).sum(-1)
+    kl = (kl * mask).sum() / mask.sum()
+    ce = F.cross_entropy(z_s.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
+def loss_side(side, B, T, V, D_s, D_t, iters, chunk_size):
+    from model import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(B, T, D_s, generator=g).requires_grad_()
+    w_s = torch.randn(V, D_s, generator=g).mul_(0.02).requires_grad_()
+    h_t = torch.randn(B, T, D_t, generator=g)
+    w_t = torch.randn(V, D_t, generator=g).mul_(0.05)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[:, -1] = -100
+
+    def step():
+        h_s.grad = w_s.grad = None
+        if side == "reference":
+            with torch.no_grad():
+                z_t = h_t @ w_t.T
+            loss = plain_loss(h_s @ w_s.T, z_t, targets)
+        else:
+            loss = distill_loss(h_s, w_s, h_t, w_t, targets, chunk_size=chunk_size)[0]
+        loss.backward()
+        return loss
+
+    t = timed(step, iters)
+    return {"time": t, "rss": peak_rss(), "loss": step().item()}
+
+
+def bench_loss(B=8, T=512, V=151_936, D_s=512, D_t=896, iters=2, chunk_size=256):
+    need = 7.5 * B * T * V * 4 + 2 * V * (D_s + D_t) * 4  # ~7 (B, T, V) float32 tensors
+    if available_bytes() < need:
+        raise SystemExit(f"bench.py: the reference loss needs ~{need / 1e9:.0f} GB, {available_bytes() / 1e9:.0f} GB free")
+    args = dict(B=B, T=T, V=V, D_s=D_s, D_t=D_t, iters=iters, chunk_size=chunk_size)
+    ref, ours = run_child(loss_side, side="reference", **args), run_child(loss_side, side="fused", **args)
+    print(f"forward + backward, B={B} T={T} V={V:,} D_s={D_s} D_t={D_t}, float32, CPU ({machine()}); each side "
+          f"in its own process, median of {iters} after a warm-up; peak RSS of the whole process (inputs and "
+          f"weights included)\n")
+    table(["loss", "s / step", "tokens/s", "peak RSS GB", "time vs plain", "RSS vs plain", "loss value"],
+          [[name, f"{r['time']:.2f}", f"{B * T / r['time']:.0f}", f"{r['rss'] / 1e9:.2f}",
+            f"{r['time'] / ref['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x", f"{r['loss']:.6f}"]
+           for name, r in (("plain, full logits", ref), (f"distill_loss, chunk_size={chunk_size}", ours))])
+
+
+# -----------------------------------------------------------------------------
+# one whole distillation step at the real shapes vs the same step written with transformers
+
+ALPHA, TEMPERATURE, VOCAB = 0.5, 2.0, 151_665  # the tokenizer's ids; the heads' other 271 rows are padding
+
+
+def hf_config(cfg):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                       max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                       rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+                       use_sliding_window=False, attn_implementation="sdpa")
+
+
+def step_side(side, B, T, steps, threads, chunk_size):
+    """Random weights on both sides (N(0, 0.02), not the same values: a speed and memory test)."""
+    from model import CONFIGS, Transformer, distill_loss
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tcfg, scfg = CONFIGS["qwen2.5-0.5b"], CONFIGS["student-123m"]
+    if side == "ours":
+        teacher = Transformer(tcfg, verbose=False).requires_grad_(False).eval()
+        student = Transformer(scfg, verbose=False)
+
+        def loss_fn(x, y):
+            with torch.no_grad():
+                h_t = teacher(x, hidden_only=True)
+            h_s = student(x, hidden_only=True)
+            return distill_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, y, alpha=ALPHA,
+                                temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size)[0]
+    else:
+        from transformers import Qwen2ForCausalLM
+
+        teacher = Qwen2ForCausalLM(hf_config(tcfg)).requires_grad_(False).eval()
+        student = Qwen2ForCausalLM(hf_config(scfg)).train()
+
+        def loss_fn(x, y):
+            with torch.no_grad():
+                z_t = teacher(x).logits
+            return plain_loss(student(x).logits, z_t, y, ALPHA, TEMPERATURE)
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, weight_decay=0.01, fused=True)  # as distill.py
+    data = torch.randint(0, VOCAB, (B, T + 1))
+
+    def step():
+        loss_fn(data[:, :-1], data[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"time": timed(step, steps), "rss": peak_rss(), "threads": torch.get_num_threads()}
+
+
+def matmul_peak(n=2048, repeats=5):
+    """This CPU's float32 matmul FLOP/s (best of a few n x n products): the ceiling for any step."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / min(timed(lambda: a @ b, 1) for _ in range(repeats))
+
+
+def bench_step(B=1, T=512, steps=3, threads=(0, 1), chunk_size=128):
+    """threads: torch thread counts to run both sides at (0: torch's default, one per core). On a shared machine
+    the default can be far slower than 1 thread: every op waits for its slowest thread."""
+    from model import CONFIGS, Transformer
+
+    with torch.device("meta"):  # parameter counts only
+        teacher, student = (Transformer(CONFIGS[k], verbose=False) for k in ("qwen2.5-0.5b", "student-123m"))
+    flops = student.flops_per_token(T) + teacher.flops_per_token(T) / 3  # student fwd + bwd, teacher fwd
+    rows = []
+    for n in threads:
+        n = n or torch.get_num_threads()
+        torch.set_num_threads(n)
+        peak = matmul_peak()
+        args = dict(B=B, T=T, steps=steps, threads=n, chunk_size=chunk_size)
+        ref, ours = run_child(step_side, side="reference", **args), run_child(step_side, side="ours", **args)
+        rows += [(name, r, ref, peak) for name, r in (
+            ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, plain KL + CE", ref),
+            ("ours: model.py hidden states + fused distill_loss", ours))]
+    print(f"B={B}, T={T}, float32, CPU ({machine()}); per side one warm-up step, then the median of {steps}; "
+          f"distill_loss chunk_size={chunk_size}. A step is {flops / 1e9:.2f} GFLOP/token (student 6N + attention, "
+          f"teacher 2N + attention); 'bound' is that at this CPU's float32 matmul speed, measured just before\n")
+    table(["one training step", "threads", "tokens/s", "bound", "peak RSS GB", "speed vs reference",
+           "RSS vs reference"],
+          [[name, r["threads"], f"{B * T / r['time']:.1f}", f"{peak / flops:.0f}", f"{r['rss'] / 1e9:.2f}",
+            f"{ref['time'] / r['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x"] for name, r, ref, peak in rows])
+
+
+SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step}
+CHILDREN = {"loss_side": loss_side, "step_side": step_side}
+
 if __name__ == "__main__":
-    sections = {"model": bench_model}
-    which = sys.argv[1:] or list(sections)
-    for name in which:
-        if name not in sections:
-            raise SystemExit(f"bench.py: error: unknown section {name!r}; one of {', '.join(sections)}")
-        print(f"\n## {name}\n")
-        sections[name]()
+    if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process
+        print(json.dumps(CHILDREN[sys.argv[2]](**json.loads(sys.argv[3]))))
+        sys.exit()
+    for name in sys.argv[1:] or list(SECTIONS):
+        if name not in SECTIONS:
+            raise SystemExit(f"bench.py: error: unknown section {name!r}; one of {', '.join(SECTIONS)}")
+        print(f"\n## {name}\n", flush=True)
+        SECTIONS[name]()

@@ -194,7 +194,9 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
         write(ids, splits)
         for f in files.values():
             f.close()
-        meta = dict(version=VERSION, tokenizer=tok.name_or_path, vocab_size=len(tok), eos_id=eos_id,
+        name = tok.name_or_path  # a local directory is stored absolute: distill.py may run from elsewhere
+        name = os.path.abspath(name) if os.path.isdir(name) else name
+        meta = dict(version=VERSION, tokenizer=name, vocab_size=len(tok), eos_id=eos_id,
                     dtype=np.dtype(dtype).name, **n, source=source, options=dict(val_fraction=val_fraction,
                     seed=seed, max_bytes=max_bytes, max_docs=max_docs, **(options or {})))
         with open(tmp["meta.json"], "w") as f:

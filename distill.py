@@ -1,0 +1,526 @@
+"""
+Distill Qwen2.5-0.5B (the teacher) into a small Qwen2 student on the token bins of prepare.py.
+
+    python distill.py config/t4.py                         # the design's run, one T4
+    python distill.py config/t4.py --batch_size=4          # any setting as --key=value, after the files
+    python -m torch.distributed.run --standalone --nproc_per_node=8 distill.py config/a100.py
+    python distill.py --teacher=None                       # no teacher: a plain language model (CE only)
+
+Per token, with z the logits, T the temperature and y the next token (Hinton et al. 2015):
+
+    loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
+
+The frozen teacher runs only up to its final hidden states; distill_loss applies both heads a chunk of tokens
+at a time, so no [B, T, V] logits ever exist (2.5 GB in float32 at 8 x 512 x 151,936). Writes out_dir/log.jsonl
+(one JSON object per line), out_dir/ckpt.pt (at every eval, on Ctrl-C and at the end; init_from="resume"
+continues exactly) and at the end out_dir/hf, a Hugging Face directory with the tokenizer.
+"""
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import KD_KINDS, ModelConfig, Transformer, distill_loss
+
+# -----------------------------------------------------------------------------
+# settings: config/*.py files and --key=value flags override these (configurator.py)
+# I/O
+data_dir = "data/wiki_zh"  # prepare.py's output: train.bin, val.bin, meta.json
+out_dir = "out"  # ckpt.pt, log.jsonl, hf/
+init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+eval_interval = 500  # evaluate and checkpoint every this many iterations, and at the end
+eval_iters = 20  # validation batches per eval: a fixed set of eval_iters * batch_size windows of val.bin
+log_interval = 10  # a train row (printed and in log.jsonl) every this many iterations
+wandb_log = False  # also log to Weights & Biases (pip install wandb)
+wandb_project = "qwen-distill"
+wandb_run_name = "student-123m"
+# teacher and loss
+teacher = "Qwen/Qwen2.5-0.5B"  # hub id or local Hugging Face directory; None: no teacher, CE only
+teacher_dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
+alpha = 0.5  # weight of the KD term; 1 - alpha goes to CE on the data
+temperature = 2.0  # softens both distributions in the KD term, which is scaled by T^2 to keep its gradient's size
+kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (model.py explains each)
+kd_beta = 0.5  # jsd only: the mixture weight
+kd_chunk_size = 128  # tokens per chunk of the fused loss, which holds a few (chunk, V) float32 buffers (78 MB each)
+# student: its vocabulary, rope_theta and rms_norm_eps are the teacher's; head_dim = n_embd // n_head
+n_layer = 12
+n_head = 8
+n_kv_head = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
+n_embd = 512
+intermediate_size = 2048  # SwiGLU width
+# data
+block_size = 512  # tokens per sequence; the data is cut into non-overlapping windows of block_size + 1
+batch_size = 8  # sequences per micro-step, per process
+gradient_accumulation_steps = 1  # micro-steps per optimizer step
+epochs = 3  # passes over train.bin when max_iters is 0
+max_iters = 0  # optimizer steps; 0: epochs * windows // (batch_size * gradient_accumulation_steps * processes)
+# AdamW; linear warmup, then cosine decay to min_lr
+learning_rate = 3e-4
+min_lr = 1e-5
+warmup_iters = 500
+lr_decay_iters = 0  # where the cosine reaches min_lr; 0: max_iters (set it to stop early and resume exactly)
+weight_decay = 0.01  # on 2-D weights only, not on biases and norms
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient's global norm; 0: no clipping
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK
+dtype = "float32"  # student compute: float32 | bfloat16 | float16 (float32 weights, autocast; float16 adds GradScaler)
+compile = False  # torch.compile the student and the teacher (needs Triton: not on a T4 with recent torch)
+seed = 1337
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dense peak FLOP/s per GPU, for MFU, by the student's dtype; float32 means TF32 where the GPU has it (enabled
+# below). Matched against the words of torch.cuda.get_device_name(); anything else (and CPUs) gets mfu null.
+PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
+    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
+    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
+    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
+    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
+]
+
+
+NON_FINITE_TEACHER = "non-finite teacher output at iter {} (fp16 overflow?); try --teacher_dtype=float32 or bfloat16"
+
+
+def die(msg):  # one clear line and a non-zero exit, printed once under torchrun
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(f"distill.py: error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+# -----------------------------------------------------------------------------
+# setup: processes, devices, checks of the settings
+
+ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
+rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else \
+    (0, 0, 1)
+if ddp and device.startswith("cuda"):
+    device = f"cuda:{local_rank}"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda" and not torch.cuda.is_available():
+    die(f"device={device} but CUDA is not available; use --device=cpu")
+if ddp:
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+master = rank == 0
+
+
+def print0(*args, **kw):
+    if master:
+        print(*args, **kw, flush=True)
+
+
+if init_from not in ("scratch", "resume"):
+    die(f"init_from={init_from!r}: use scratch or resume")
+if teacher_dtype == "auto":
+    teacher_dtype = "float32" if device_type == "cpu" else (
+        "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16")
+for key, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
+    if value not in DTYPES:
+        die(f"{key}={value!r}: use float32, bfloat16 or float16")
+if kd_kind not in KD_KINDS:
+    die(f"kd_kind={kd_kind!r}: use one of {', '.join(KD_KINDS)}")
+if n_embd % n_head or n_head % n_kv_head:
+    die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
+if min(batch_size, block_size, gradient_accumulation_steps, eval_interval, eval_iters, log_interval) < 1:
+    die("batch_size, block_size, gradient_accumulation_steps, eval_interval, eval_iters and log_interval must be >= 1")
+if teacher is None:
+    alpha = 0.0  # nothing to distill from: CE on the data only
+torch.manual_seed(seed)
+if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a T4)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
+
+# -----------------------------------------------------------------------------
+# data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
+
+meta_path = os.path.join(data_dir, "meta.json")
+for path in (meta_path, os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")):
+    if not os.path.exists(path):
+        die(f"no {path}: run prepare.py first (or point --data_dir at its output)")
+with open(meta_path) as f:
+    meta = json.load(f)
+try:
+    data_dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])  # never guessed
+except (KeyError, TypeError, ValueError) as e:
+    die(f"{meta_path} lacks a valid dtype or vocab_size ({e}); rerun prepare.py")
+
+
+def n_windows(split):
+    return os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // data_dtype.itemsize // (block_size + 1)
+
+
+def load_windows(split, windows):
+    """Window indices -> x, y (len, block_size) int64 on the device; y is x shifted by one token."""
+    # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in the process's memory
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
+    w = torch.from_numpy(np.stack([data[i * (block_size + 1):(i + 1) * (block_size + 1)] for i in windows])
+                         .astype(np.int64))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    if device_type == "cuda":  # pinned, so the copy runs while the GPU is busy
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+windows_per_iter = batch_size * gradient_accumulation_steps * world_size
+tokens_per_iter = windows_per_iter * block_size
+n_train, n_val = n_windows("train"), n_windows("val")
+if n_train < windows_per_iter:
+    die(f"train.bin holds {n_train} windows of block_size + 1 = {block_size + 1} tokens; one step takes "
+        f"{windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more data or smaller settings")
+if n_val < 1:
+    die(f"val.bin is shorter than one window of block_size + 1 = {block_size + 1} tokens")
+if max_iters == 0:
+    max_iters = epochs * (n_train // windows_per_iter)
+lr_decay_iters = lr_decay_iters or max_iters
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters, teacher_dtype=teacher_dtype, device=device,
+              alpha=alpha)  # what this run uses, for the checkpoint and the logger
+
+
+@lru_cache(maxsize=2)
+def epoch_order(epoch):  # a permutation of the windows per epoch from the seed: the position is all resume needs
+    return np.random.default_rng(seed + epoch).permutation(n_train)
+
+
+def fit(pos):  # an epoch's last windows, fewer than one step, wait for a later shuffle
+    return pos if pos[1] + windows_per_iter <= n_train else (pos[0] + 1, 0)
+
+
+def step_batches(pos):
+    """This process's micro-batches of the step at data position pos = (epoch, window in the epoch's order).
+    The step takes the next windows_per_iter windows; slot (micro * world_size + rank) is ours: disjoint."""
+    order = epoch_order(pos[0])
+    starts = [pos[1] + (m * world_size + rank) * batch_size for m in range(gradient_accumulation_steps)]
+    return [load_windows("train", order[s:s + batch_size]) for s in starts]
+
+
+# validation: a fixed, evenly spread set of windows of val.bin; each process takes every world_size-th one
+val_windows = np.arange(min(eval_iters * batch_size, n_val)) * n_val // min(eval_iters * batch_size, n_val)
+my_val_windows = val_windows[rank::world_size]
+
+# -----------------------------------------------------------------------------
+# models: the frozen teacher (through model.py) and the student
+
+teacher_model, w_t = None, None
+if teacher is not None:
+    try:
+        teacher_model = Transformer.from_pretrained(teacher, dtype=DTYPES[teacher_dtype], device=device, verbose=master)
+    except (OSError, ValueError) as e:
+        die(f"cannot load the teacher: {e}".splitlines()[0])
+    teacher_model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    tcfg = teacher_model.config
+    if tcfg.vocab_size < vocab_size:
+        die(f"the teacher's vocabulary ({tcfg.vocab_size} rows) is smaller than the tokenizer's ({vocab_size} ids): "
+            f"prepare the data with the teacher's tokenizer")
+    if block_size > tcfg.max_seq_len:
+        die(f"block_size {block_size} exceeds the teacher's max_seq_len {tcfg.max_seq_len}")
+    w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, chunk by chunk
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        die(f"no {ckpt_path} to resume from; start with --init_from=scratch")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model_args = ckpt["model_args"]  # the student's shape is the checkpoint's, whatever the settings say
+else:
+    model_args = asdict(ModelConfig(
+        # the teacher's vocabulary (padding rows included); without one, the tokenizer's rounded up to 64
+        vocab_size=teacher_model.config.vocab_size if teacher_model else -(-vocab_size // 64) * 64,
+        n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
+        intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
+        rope_theta=teacher_model.config.rope_theta if teacher_model else ModelConfig.rope_theta,
+        rms_norm_eps=teacher_model.config.rms_norm_eps if teacher_model else ModelConfig.rms_norm_eps))
+if block_size > model_args["max_seq_len"]:
+    die(f"block_size {block_size} exceeds the student's max_seq_len {model_args['max_seq_len']}")
+if model_args["vocab_size"] < vocab_size:
+    die(f"the student's vocabulary ({model_args['vocab_size']} rows) is smaller than the tokenizer's ({vocab_size})")
+raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 weights (master weights under autocast)
+if init_from == "resume":
+    raw_model.load_state_dict(ckpt["model"])
+raw_model.to(device)
+w_s = raw_model.lm_head.weight  # (V, D_s), tied to the embedding
+
+# -----------------------------------------------------------------------------
+# optimizer, GradScaler, resume
+
+params = [p for p in raw_model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel, no temporaries
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's small range needs loss scaling
+iter_num, data_pos, best_val_loss = 0, (0, 0), float("inf")  # best_val_loss: the lowest val CE so far
+if init_from == "resume":
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    iter_num, data_pos, best_val_loss = ckpt["iter_num"], fit(tuple(ckpt["data_pos"])), ckpt["best_val_loss"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
+               if k != "init_from" and ckpt["config"].get(k) != v]
+    print0(f"resuming {ckpt_path} at iter {iter_num}" + (": changed " + ", ".join(changed) if changed else ""))
+    del ckpt
+resumed_at = iter_num if init_from == "resume" else None
+
+model = torch.compile(raw_model) if compile else raw_model
+if compile and teacher_model is not None:
+    teacher_model = torch.compile(teacher_model)
+train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+
+
+def save_checkpoint():
+    if not master:
+        return
+    ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
+            "best_val_loss": best_val_loss, "config": config, "tokenizer": meta.get("tokenizer"),
+            # nothing random runs after the init (the data order comes from seed + epoch), but a future dropout
+            # or sampling step would need these
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
+    torch.save(ckpt, ckpt_path + ".tmp")  # a kill during the write leaves the old checkpoint whole
+    os.replace(ckpt_path + ".tmp", ckpt_path)
+
+
+def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosine to min_lr; then min_lr
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def loss_fn(h_s, h_t, y, normalizer):
+    # outside autocast: the loss runs in float32 whatever the student's dtype
+    return distill_loss(h_s, w_s, h_t, w_t, y, alpha=alpha, temperature=temperature, vocab_size=vocab_size,
+                        kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer)
+
+
+teacher_val_ce = None  # computed at the first eval of a run, logged once
+
+
+@torch.no_grad()
+def evaluate():
+    """Val CE, forward KL and top-1 agreement with the teacher, token-weighted over the fixed val windows,
+    summed over processes. normalizer=1 makes distill_loss's stats plain sums."""
+    global teacher_val_ce
+    sums = torch.zeros(6, device=device)  # ce, kl, top1, tokens, teacher ce, non-finite teacher batches
+    for i in range(0, len(my_val_windows), batch_size):
+        x, y = load_windows("val", my_val_windows[i:i + batch_size])
+        with autocast:
+            h_s = model(x, hidden_only=True)  # no dropout: train and eval modes are the same
+        h_t = teacher_model(x, hidden_only=True) if teacher_model is not None else None
+        _, s = loss_fn(h_s, h_t, y, 1.0)
+        sums[0] += s["ce"]
+        sums[3] += s["n"]
+        if h_t is not None:
+            sums[1] += s["kl"]
+            sums[2] += s["top1"]
+            sums[5] += (~torch.isfinite(h_t)).any()
+            if teacher_val_ce is None:
+                sums[4] += distill_loss(h_t, w_t, None, None, y, alpha=0.0, vocab_size=vocab_size,
+                                        chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
+    if ddp:
+        dist.all_reduce(sums)
+    ce, kl, top1, n, tce, bad = sums.tolist()
+    if bad:
+        die(NON_FINITE_TEACHER.format(iter_num))
+    row = {"iter": iter_num, "val_ce": ce / n, "val_ppl": math.exp(min(ce / n, 700)),
+           "val_kl": kl / n if teacher_model is not None else None,
+           "val_top1": top1 / n if teacher_model is not None else None}
+    if teacher_model is not None and teacher_val_ce is None:
+        teacher_val_ce = row["teacher_val_ce"] = tce / n
+    return row
+
+
+# -----------------------------------------------------------------------------
+# logging: a line per log_interval on rank 0, and the same as JSON in out_dir/log.jsonl
+
+
+class NoLogger:
+    def log(self, row, step=None):
+        pass
+
+
+logger, log_path = NoLogger(), os.path.join(out_dir, "log.jsonl")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    if init_from == "resume" and os.path.exists(log_path):  # drop rows of iterations that will run again
+        with open(log_path) as f:
+            rows = [r for r in map(json.loads, filter(str.strip, f))
+                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_ce" in r)]
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(log_path + ".tmp", log_path)
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            die("wandb_log=True needs wandb: pip install wandb")
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        logger = wandb
+
+
+def log_row(row):  # eval rows have val_ce, train rows loss
+    if master:
+        print(("eval " if "val_ce" in row else "iter ") + f"{row['iter']}: " +
+              ", ".join(f"{k} {v:.0f}" if abs(v) >= 1e4 else f"{k} {v:.4g}"
+                        for k, v in row.items() if k != "iter" and v is not None), flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        logger.log(row, step=row["iter"])
+
+
+peak = None
+if device_type == "cuda":
+    words = torch.cuda.get_device_name(device).replace("-", " ").split()
+    peak = next((p.get(dtype) for names, p in PEAK_FLOPS if all(w in words for w in names)), None)
+# per token: the student's forward + backward, the teacher's forward (a third of its 6N + attention)
+flops_per_token = raw_model.flops_per_token(block_size) + (
+    teacher_model.flops_per_token(block_size) / 3 if teacher_model is not None else 0)
+
+
+def peak_mem_gb():  # CUDA: the most memory allocated by tensors; CPU: the process's peak RSS (Linux: KiB)
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+# Ctrl-C (and torchrun's SIGTERM) stop after the current step with a checkpoint; a second Ctrl-C aborts
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# -----------------------------------------------------------------------------
+# the loop
+
+print0(f"{max_iters} iterations of {tokens_per_iter:,} tokens ({batch_size} batch * {block_size} block * "
+       f"{gradient_accumulation_steps} accum * {world_size} processes); {n_train:,} train windows, "
+       f"{len(val_windows)} val windows; student {dtype}, teacher {teacher or 'none'} {teacher_dtype}, {device}")
+batches = step_batches(data_pos)
+t_log, log_from = time.time(), iter_num
+while True:
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at:
+        row = evaluate()
+        best_val_loss = min(best_val_loss, row["val_ce"])  # the best so far, never a worse value
+        log_row(row)
+        save_checkpoint()
+        t_log, log_from = time.time(), iter_num  # the eval's time is no training time
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step: gradient_accumulation_steps micro-steps on each process
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP averages
+    # gradients over processes, so each passes global / world_size and the gradient is the global mean
+    n_tokens = sum((y != -100).sum() for _, y in batches).float()  # on the device: no sync
+    if ddp:
+        dist.all_reduce(n_tokens)
+    normalizer = n_tokens / world_size
+    stats = torch.zeros(4, device=device)  # loss, ce, kl, non-finite teacher outputs
+    for micro, (x, y) in enumerate(batches):
+        if ddp:  # all-reduce the gradients on the last micro-step only
+            train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with autocast:
+            h_s = train_model(x, hidden_only=True)  # (B, T, D_s) after the final norm
+        h_t = None
+        if teacher_model is not None:
+            with torch.no_grad():
+                h_t = teacher_model(x, hidden_only=True)  # (B, T, D_t)
+            stats[3] += (~torch.isfinite(h_t)).any()
+        loss, s = loss_fn(h_s, h_t, y, normalizer)
+        scaler.scale(loss).backward()
+        stats[0] += loss.detach()
+        stats[1] += s["ce"]
+        stats[2] += s.get("kl", 0.0)
+    data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
+    batches = step_batches(data_pos)  # the next step's batches, read while the GPU still works on this one
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop request
+    health = torch.cat([stats[:3] / world_size, grad_norm.reshape(1).float() / world_size, stats[3:],
+                        torch.tensor([float(stop_requested)], device=device)])
+    if ddp:
+        dist.all_reduce(health)
+    loss_v, ce_v, kl_v, grad_norm_v, bad_teacher, stop = health.tolist()
+    if bad_teacher:
+        die(NON_FINITE_TEACHER.format(iter_num))
+    if not math.isfinite(loss_v):
+        die(f"non-finite loss at iter {iter_num}; lower learning_rate" + ("" if dtype == "float32" else
+                                                                         ", or try --dtype=float32"))
+    scaler.step(optimizer)  # skipped by the GradScaler when float16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    if iter_num % log_interval == 0 and master:
+        dt = time.time() - t_log
+        tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
+        mfu = flops_per_token * tps / (world_size * peak) if peak else None
+        row = {"iter": iter_num, "loss": loss_v, "ce": ce_v, "kl": kl_v if teacher_model is not None else None,
+               "lr": lr, "grad_norm": grad_norm_v, "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": peak_mem_gb()}
+        log_row(row)
+        t_log, log_from = time.time(), iter_num + 1
+    iter_num += 1
+    if stop:
+        save_checkpoint()
+        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings and --init_from=resume")
+        if ddp:
+            dist.barrier()  # the others wait for rank 0's checkpoint
+            dist.destroy_process_group()
+        sys.exit(130)
+
+# -----------------------------------------------------------------------------
+# the end: the student as a Hugging Face directory, with the tokenizer
+
+if master:
+    hf_dir = os.path.join(out_dir, "hf")
+    tokenizer = meta.get("tokenizer")
+    tokenizer_dir = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
+    if tokenizer and tokenizer_dir is None:  # a hub id: fetch it (cached) and save its files next to the weights
+        try:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(hf_dir)
+            tokenizer_dir = hf_dir
+        except Exception as e:  # offline, say: the weights are still exported
+            print(f"note: tokenizer {tokenizer} not saved to {hf_dir} ({type(e).__name__})", file=sys.stderr)
+    raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
+    print(f"best val_ce {best_val_loss:.4f}; exported {hf_dir}", flush=True)
+if ddp:
+    dist.barrier()  # the others wait for rank 0's export
+    dist.destroy_process_group()

@@ -1,0 +1,277 @@
+"""distill.py end to end, as a user runs it (subprocesses, from another working directory), on CPU: a tiny corpus
+tokenized with conftest's BPE, the tiny random teacher of conftest exported through model.py, tiny students.
+
+THE_COMMAND is the issue's command; STRAIGHT adds a learning rate that moves a tiny student in 40 steps and more
+weight on the KD term (the random teacher's KL is small next to CE on the data)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CORPUS, REPO, make_model_dir
+
+THE_COMMAND = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
+               "--block_size=64", "--batch_size=4", "--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10",
+               "--eval_iters=2", "--log_interval=1", "--device=cpu", "--dtype=float32", "--teacher_dtype=float32",
+               "--compile=False", "--seed=1"]
+LEARN = ["--alpha=0.9", "--learning_rate=3e-3", "--warmup_iters=5"]
+TIMING = ("tokens_per_sec", "peak_mem_gb", "mfu")
+
+
+def run(*args, ddp=False, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else \
+        [sys.executable]
+    return subprocess.run(launch + [os.path.join(REPO, "distill.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=os.path.dirname(REPO), timeout=timeout)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_ce" in r]
+
+
+def write_data(d, tokenizer_dir, dtype, n_train=30_000, n_val=3_000):
+    """train.bin / val.bin / meta.json as prepare.py writes them: the corpus' sentences, each + EOS, shuffled."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in CORPUS]
+    rng = np.random.default_rng(0)
+    os.makedirs(d, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = []
+        while len(ids) < n:
+            ids += docs[rng.integers(len(docs))]
+        np.array(ids[:n], dtype=dtype).tofile(os.path.join(d, f"{split}.bin"))
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump({"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "eos_id": tok.eos_token_id,
+                   "tokenizer": tokenizer_dir}, f)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, tokenizer_dir):
+    return write_data(tmp_path_factory.mktemp("data32"), tokenizer_dir, np.uint32)  # Qwen's dtype
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, data, model_dir):
+    out = tmp_path_factory.mktemp("straight")
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *THE_COMMAND, *LEARN)
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+def load_student(out_dir):
+    from model import ModelConfig, Transformer
+
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def val_batch(data, block_size=64, n=8):
+    """The fixed val windows distill.py evaluates on: n evenly spread windows of block_size + 1 tokens."""
+    with open(os.path.join(data, "meta.json")) as f:
+        val = np.fromfile(os.path.join(data, "val.bin"), dtype=json.load(f)["dtype"]).astype(np.int64)
+    count = len(val) // (block_size + 1)
+    idx = np.arange(min(n, count)) * count // min(n, count)
+    w = torch.from_numpy(np.stack([val[i * (block_size + 1):(i + 1) * (block_size + 1)] for i in idx]))
+    return w[:, :-1], w[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_writes_checkpoint_log_and_hf(straight):
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "model_args", "iter_num", "data_pos", "best_val_loss", "config",
+            "tokenizer", "rng"} <= set(ckpt)
+    assert ckpt["iter_num"] == 40 and ckpt["scaler"] is None and ckpt["model_args"]["vocab_size"] == 320
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    train, evals = read_log(straight)
+    assert [r["iter"] for r in train] == list(range(40))
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30, 40]
+    for r in train:
+        assert set(r) == {"iter", "loss", "ce", "kl", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_gb"}
+        assert r["mfu"] is None and r["tokens_per_sec"] > 0 and r["peak_mem_gb"] > 0  # no MFU on a CPU
+    assert train[0]["lr"] == pytest.approx(3e-3 / 6)  # (it + 1) / (warmup + 1): step 0 moves
+    assert [("teacher_val_ce" in r) for r in evals] == [True] + [False] * 4  # once
+    assert ckpt["best_val_loss"] == min(r["val_ce"] for r in evals)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(straight, "hf")))
+
+
+def test_student_learns_from_the_teacher(straight):
+    train, evals = read_log(straight)
+    kl = [r["val_kl"] for r in evals]
+    assert all(b <= a for a, b in zip(kl, kl[1:])) and kl[-1] < 0.8 * kl[0], kl
+    assert evals[-1]["val_top1"] > evals[0]["val_top1"]
+    assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
+
+
+def test_eval_matches_a_plain_computation(straight, data, model_dir):
+    """Reads the bins with meta.json's dtype (uint32 here), the same windows, the same numbers as plain full-logits
+    losses: the teacher's CE at the first eval, the student's CE, KL at T=2 and top-1 at the last."""
+    from model import Transformer
+
+    x, y = val_batch(data)
+    teacher = Transformer.from_pretrained(model_dir, verbose=False)
+    student, _ = load_student(straight)
+    with torch.no_grad():
+        zt, zs = teacher(x)[..., :300], student(x)[..., :300]  # the tokenizer's 300 ids; the rest is padding
+    kl = (F.softmax(zt / 2, -1) * (F.log_softmax(zt / 2, -1) - F.log_softmax(zs / 2, -1))).sum(-1).mean()
+    _, evals = read_log(straight)
+    assert evals[0]["teacher_val_ce"] == pytest.approx(F.cross_entropy(zt.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    assert evals[-1]["val_ce"] == pytest.approx(F.cross_entropy(zs.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    assert evals[-1]["val_kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert evals[-1]["val_top1"] == pytest.approx((zs.argmax(-1) == zt.argmax(-1)).float().mean().item())
+
+
+def test_resume_is_exact(straight, data, model_dir, tmp_path):
+    """20 iterations, then a resume to 40, give the same losses, evals and weights as 40 straight, to the bit."""
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, *LEARN]
+    r = run(*args, "--max_iters=20")  # lr_decay_iters=40 keeps the schedule of the 40-iteration run
+    assert r.returncode == 0, r.stderr
+    r = run(*args, "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "max_iters 20 -> 40" in r.stdout
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in TIMING + ("teacher_val_ce",)} for row in rows]
+    assert strip(read_log(tmp_path)[0]) == strip(read_log(straight)[0])  # iterations 0-39, one row each
+    assert strip(read_log(tmp_path)[1]) == strip(read_log(straight)[1])
+    a, b = load_student(tmp_path)[0].state_dict(), load_student(straight)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_export_loads_in_transformers_and_sample_py(straight):
+    from transformers import AutoModelForCausalLM
+
+    student, _ = load_student(straight)
+    ref = AutoModelForCausalLM.from_pretrained(os.path.join(straight, "hf")).eval()
+    x = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert (ref(x).logits - student(x)).abs().max() < 1e-4
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--init_from={straight}", "--temperature=0",
+                        "--max_new_tokens=5", "--num_samples=1", "--device=cpu"], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("维基百科是")
+
+
+def test_two_processes(straight, data, model_dir, tmp_path):
+    """The issue's command under torch.distributed.run (gloo): eval all-reduced over both processes equals one
+    process's eval at iter 0 (same seed, same weights); every step finite."""
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, ddp=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "512 tokens" in r.stdout and "2 processes" in r.stdout  # 4 batch * 64 block * 2
+    train, evals = read_log(tmp_path)
+    assert [row["iter"] for row in train] == list(range(40)) and [row["iter"] for row in evals] == [0, 10, 20, 30, 40]
+    one = read_log(straight)[1][0]
+    for k in ("val_ce", "val_kl", "val_top1", "teacher_val_ce"):
+        assert evals[0][k] == pytest.approx(one[k], abs=1e-5)
+    assert all(np.isfinite(row["loss"]) for row in train)
+    assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
+
+
+def test_ctrl_c_saves_and_resumes(data, model_dir, tmp_path):
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND,
+            "--max_iters=100000", "--eval_interval=100000"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith("iter 0:"):
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "--init_from=resume" in out and "Traceback" not in err
+    ckpt = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["iter_num"] >= 1 and not os.path.exists(os.path.join(tmp_path, "hf"))
+    r = run(*args, "--init_from=resume", f"--max_iters={ckpt['iter_num'] + 2}")
+    assert r.returncode == 0, r.stderr
+    assert [row["iter"] for row in read_log(tmp_path)[0]] == list(range(ckpt["iter_num"] + 2))
+    assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
+
+
+def test_without_a_teacher(tmp_path, tokenizer_dir):
+    """teacher=None: a plain language model (CE only) on uint16 bins; max_iters from epochs; vocabulary rounded up."""
+    data = write_data(tmp_path / "data16", tokenizer_dir, np.uint16)
+    out = tmp_path / "out"
+    r = run(f"--data_dir={data}", "--teacher=None", f"--out_dir={out}", *THE_COMMAND, "--max_iters=0", "--epochs=1",
+            "--batch_size=16", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=100")
+    assert r.returncode == 0, r.stderr
+    train, evals = read_log(out)
+    n_windows = 30_000 // 65  # 461 windows of 65 tokens: 28 steps of 16 make an epoch
+    assert len(train) == n_windows // 16 == 28
+    assert all(row["kl"] is None for row in train) and evals[-1]["val_kl"] is None
+    assert evals[-1]["val_ce"] < evals[0]["val_ce"] - 1.0
+    student, ckpt = load_student(out)
+    assert ckpt["model_args"]["vocab_size"] == 320 and ckpt["data_pos"] == [1, 0]  # 300 ids -> 320 rows; epoch 2
+    assert os.path.exists(os.path.join(out, "hf", "tokenizer.json"))
+
+
+def test_float16_with_gradscaler_and_accumulation(data, model_dir, tmp_path):
+    """dtype=float16: float32 weights, autocast and a GradScaler whose state is checkpointed and resumed."""
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, "--dtype=float16",
+            "--gradient_accumulation_steps=2", "--lr_decay_iters=6", "--eval_interval=3", *LEARN]
+    r = run(*args, "--max_iters=3")
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["model"]["norm.weight"].dtype == torch.float32
+    r = run(*args, "--max_iters=6", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    train, evals = read_log(tmp_path)
+    assert [row["iter"] for row in train] == list(range(6)) and all(np.isfinite(row["loss"]) for row in train)
+    assert evals[-1]["iter"] == 6 and evals[-1]["val_ce"] < evals[0]["val_ce"]
+
+
+@pytest.fixture(scope="session")
+def odd_teachers(tmp_path_factory, tokenizer_dir):
+    from model import Transformer
+
+    d = tmp_path_factory.mktemp("teachers")
+    small = make_model_dir(d / "small_vocab", tokenizer_dir, vocab_size=256)
+    poisoned = make_model_dir(d / "poisoned", tokenizer_dir)
+    model = Transformer.from_pretrained(poisoned, verbose=False)
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")  # -> NaN hidden states
+    model.save_pretrained(poisoned)
+    return {"small_vocab": small, "poisoned": poisoned}
+
+
+ERRORS = {  # extra settings -> the one line that must say what is wrong
+    "misspelt key": (["--batchsize=4"], "did you mean 'batch_size'?"),
+    "vocabulary": (["--teacher={small_vocab}"], "the teacher's vocabulary (256 rows) is smaller than the "
+                                                "tokenizer's (300 ids)"),
+    "non-finite teacher": (["--teacher={poisoned}"], "non-finite teacher output at iter 0"),
+    "non-finite loss": (["--learning_rate=1e30", "--warmup_iters=0"], "non-finite loss at iter 1"),
+    "missing data": (["--data_dir={missing}"], "meta.json: run prepare.py first"),
+    "no checkpoint": (["--init_from=resume"], "ckpt.pt to resume from"),
+    "block_size": (["--block_size=256"], "block_size 256 exceeds the teacher's max_seq_len 128"),
+    "too little data": (["--batch_size=500"], "train.bin holds 461 windows"),
+    "no teacher": (["--teacher={missing}"], "cannot load the teacher: no model directory"),
+    "config file t4": (["config/t4.py", "--data_dir={missing}"], "run prepare.py first"),  # found from elsewhere
+    "config file a100": (["config/a100.py", "--data_dir={missing}"], "run prepare.py first"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_clear_errors(case, data, model_dir, odd_teachers, tmp_path):
+    extra, message = ERRORS[case]
+    names = dict(odd_teachers, missing=tmp_path / "missing")
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path / 'out'}", *THE_COMMAND,
+            *[e.format(**names) for e in extra])
+    assert r.returncode not in (0, None)
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("distill.py: error: "), r.stderr
+    assert message in lines[0], lines[0]
