@@ -329,9 +329,9 @@ def bench_step(B=1, T=512, steps=3, threads=(0, 1), chunk_size=128):
     with torch.device("meta"):  # parameter counts only
         teacher, student = (Transformer(CONFIGS[k], verbose=False) for k in ("qwen2.5-0.5b", "student-123m"))
     flops = student.flops_per_token(T) + teacher.flops_per_token(T) / 3  # student fwd + bwd, teacher fwd
-    rows = []
+    rows, default_threads = [], torch.get_num_threads()
     for n in threads:
-        n = n or torch.get_num_threads()
+        n = n or default_threads
         torch.set_num_threads(n)
         peak = matmul_peak()
         args = dict(B=B, T=T, steps=steps, threads=n, chunk_size=chunk_size)
@@ -339,6 +339,7 @@ def bench_step(B=1, T=512, steps=3, threads=(0, 1), chunk_size=128):
         rows += [(name, r, ref, peak) for name, r in (
             ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, plain KL + CE", ref),
             ("ours: model.py hidden states + fused distill_loss", ours))]
+    torch.set_num_threads(default_threads)
     print(f"B={B}, T={T}, float32, CPU ({machine()}); per side one warm-up step, then the median of {steps}; "
           f"distill_loss chunk_size={chunk_size}. A step is {flops / 1e9:.2f} GFLOP/token (student 6N + attention, "
           f"teacher 2N + attention); 'bound' is that at this CPU's float32 matmul speed, measured just before\n")
