@@ -276,12 +276,11 @@ def hf_config(cfg):
                        use_sliding_window=False, attn_implementation="sdpa")
 
 
-def step_side(side, B, T, steps, threads, chunk_size):
-    """Random weights on both sides (N(0, 0.02), not the same values: a speed and memory test)."""
+def make_step(side, B, T, chunk_size):
+    """One training step of a side, as a function. Random weights on both sides (N(0, 0.02), not the same
+    values: a speed and memory test)."""
     from model import CONFIGS, Transformer, distill_loss
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     tcfg, scfg = CONFIGS["qwen2.5-0.5b"], CONFIGS["student-123m"]
     if side == "ours":
         teacher = Transformer(tcfg, verbose=False).requires_grad_(False).eval()
@@ -311,8 +310,24 @@ def step_side(side, B, T, steps, threads, chunk_size):
         loss_fn(data[:, :-1], data[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    return {"time": timed(step, steps), "rss": peak_rss(), "threads": torch.get_num_threads()}
+
+def step_side(side, B, T, steps, threads, chunk_size):
+    """A side alone in its process: its peak RSS (and its time, for what it is worth on a shared machine)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    step = make_step(side, B, T, chunk_size)
+    return {"time": timed(step, steps), "rss": peak_rss()}
+
+
+def step_pair(B, T, steps, threads, chunk_size):
+    """Both sides in one process, steps taken in turn: the speed ratio, with any load on the machine hitting
+    both alike."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fns = {side: make_step(side, B, T, chunk_size) for side in ("reference", "ours")}
+    return interleaved(fns, steps)
 
 
 def matmul_peak(n=2048, repeats=5):
@@ -321,9 +336,10 @@ def matmul_peak(n=2048, repeats=5):
     return 2 * n ** 3 / min(timed(lambda: a @ b, 1) for _ in range(repeats))
 
 
-def bench_step(B=1, T=512, steps=3, threads=(0, 1), chunk_size=128):
-    """threads: torch thread counts to run both sides at (0: torch's default, one per core). On a shared machine
-    the default can be far slower than 1 thread: every op waits for its slowest thread."""
+def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
+    """threads: torch thread counts to run both sides at (0: torch's default, one per core). Speed comes from
+    both sides in one process, a step of each in turn (medians of `steps`); peak RSS from each side alone in a
+    fresh process (a warm-up step, then one more: AdamW's state exists from the first)."""
     from model import CONFIGS, Transformer
 
     with torch.device("meta"):  # parameter counts only
@@ -334,23 +350,25 @@ def bench_step(B=1, T=512, steps=3, threads=(0, 1), chunk_size=128):
         n = n or default_threads
         torch.set_num_threads(n)
         peak = matmul_peak()
-        args = dict(B=B, T=T, steps=steps, threads=n, chunk_size=chunk_size)
-        ref, ours = run_child(step_side, side="reference", **args), run_child(step_side, side="ours", **args)
-        rows += [(name, r, ref, peak) for name, r in (
-            ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, plain KL + CE", ref),
-            ("ours: model.py hidden states + fused distill_loss", ours))]
+        args = dict(B=B, T=T, threads=n, chunk_size=chunk_size)
+        times = run_child(step_pair, steps=steps, **args)
+        rss = {side: run_child(step_side, side=side, steps=1, **args)["rss"] for side in ("reference", "ours")}
+        rows += [(name, n, times[side], rss[side], times["reference"], rss["reference"], peak) for name, side in (
+            ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, plain KL + CE", "reference"),
+            ("ours: model.py hidden states + fused distill_loss", "ours"))]
     torch.set_num_threads(default_threads)
-    print(f"B={B}, T={T}, float32, CPU ({machine()}); per side one warm-up step, then the median of {steps}; "
-          f"distill_loss chunk_size={chunk_size}. A step is {flops / 1e9:.2f} GFLOP/token (student 6N + attention, "
-          f"teacher 2N + attention); 'bound' is that at this CPU's float32 matmul speed, measured just before\n")
+    print(f"B={B}, T={T}, float32, CPU ({machine()}); speed: both sides in one process, a step of each in turn, "
+          f"medians of {steps} after a warm-up; peak RSS: each side alone in a fresh process; distill_loss "
+          f"chunk_size={chunk_size}. A step is {flops / 1e9:.2f} GFLOP/token (student 6N + attention, teacher 2N + "
+          f"attention); 'bound' is that at this CPU's float32 matmul speed, measured just before\n")
     table(["one training step", "threads", "tokens/s", "bound", "peak RSS GB", "speed vs reference",
            "RSS vs reference"],
-          [[name, r["threads"], f"{B * T / r['time']:.1f}", f"{peak / flops:.0f}", f"{r['rss'] / 1e9:.2f}",
-            f"{ref['time'] / r['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x"] for name, r, ref, peak in rows])
+          [[name, n, f"{B * T / t:.1f}", f"{peak / flops:.0f}", f"{r / 1e9:.2f}", f"{t_ref / t:.2f}x",
+            f"{r / r_ref:.2f}x"] for name, n, t, r, t_ref, r_ref, peak in rows])
 
 
 SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step}
-CHILDREN = {"loss_side": loss_side, "step_side": step_side}
+CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process
