@@ -8,7 +8,7 @@ Speed and memory, side by side with a reference in the same run; the README show
 
 Timings interleave the two sides and report medians; memory sections run each side in its own process.
 prepare needs ../shared/data (or --data/--tokenizer paths in bench_prepare's arguments); the loss's reference
-needs ~19 GB of free RAM and the step's ~7 GB.
+needs ~19 GB of free RAM and the step's ~11 GB (its timing holds both sides in one process).
 """
 
 import json
