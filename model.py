@@ -495,11 +495,12 @@ def _kd_chunk(zs, zt, y, scratch, alpha, tau, kind, beta, need_grad):
         lt = torch.log_softmax(zt, -1, out=l2)          # log p_t
         pt = torch.exp(lt, out=zt)                      # p_t
         kl = _rowdot(pt, torch.sub(lt, ls, out=zs), zs)  # KL(p_t || p_s)               [C, 1]
-        if kind == "forward_kl":                        # zs = g = tau (p_s - p_t)
+        # each kind leaves g / k in zs, its gradient dL/dz_s divided by k (folded into the mix below)
+        if kind == "forward_kl":                        # g = tau (p_s - p_t)
             div = kl
             torch.exp(ls, out=zs).sub_(pt)
             k = tau
-        elif kind == "reverse_kl":                      # zs = g = tau p_s (r - div)
+        elif kind == "reverse_kl":                      # g = tau p_s (r - div)
             r, ps = torch.sub(ls, lt, out=zt), torch.exp(ls, out=zs)  # r = log p_s - log p_t
             div = _rowdot(ps, r, l2)                    # KL(p_s || p_t)
             ps.mul_(r.sub_(div))
@@ -511,14 +512,14 @@ def _kd_chunk(zs, zt, y, scratch, alpha, tau, kind, beta, need_grad):
             r, ps = torch.sub(ls, lm, out=zs), torch.exp(ls, out=zt)  # r = log p_s - log M
             kl_sm = _rowdot(ps, r, l2)                  # KL(p_s || M)
             div = beta * kl_tm + (1 - beta) * kl_sm
-            r.sub_(kl_sm).mul_(ps)                      # zs = g = tau (1-beta) p_s (r - kl_sm)
+            r.sub_(kl_sm).mul_(ps)                      # g = tau (1-beta) p_s (r - kl_sm)
             k = tau * (1 - beta)
         kl, div = kl.sum(), div.sum()
         lq = ls if tau == 1 else torch.log_softmax(torch.mul(ls, tau, out=zt), -1, out=l2)
     ce = -lq.gather(1, y)                               # [C, 1]
-    if need_grad:  # zs = dz = alpha * k * g + (1 - alpha) * (softmax(z_s) - onehot(y))
+    if need_grad:  # zs = dz = alpha * g + (1 - alpha) * (softmax(z_s) - onehot(y)), with g = k * zs
         q = lq.exp_()
-        if zt is None or alpha == 0:
+        if alpha == 0:
             zs.copy_(q)
         else:
             zs.mul_(alpha * k).add_(q, alpha=1 - alpha)
