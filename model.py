@@ -470,8 +470,8 @@ def _rowdot(a, b, out):  # sum_v a * b per row: [C, V] x [C, V] -> [C, 1]; out: 
 
 
 def _logits(h, w, out, tmp):
-    """out [C, V] = h [C, D] @ w[V, D].T. On CPU the weight-major product w @ h.T, [V, C], runs ~1.5x
-    faster (measured at C=128, V=151,936); it goes to tmp, a free buffer, then one transposing copy."""
+    """out [C, V] = h [C, D] @ w[V, D].T. On CPU the weight-major product w @ h.T, [V, C], runs faster
+    (101-168 vs 72-107 GFLOP/s at C=128, V=151,936); it goes to tmp, a free buffer, then one transposing copy."""
     if h.is_cuda:
         return torch.mm(h, w.T, out=out)
     z_t = torch.mm(w, h.T, out=tmp.view(-1)[:out.numel()].view(out.shape[1], out.shape[0]))
