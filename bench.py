@@ -113,8 +113,8 @@ def bench_model(T=512, repeats=3, prompt_len=32, new_tokens=128):
         F.cross_entropy(ours(idx).flatten(0, 1), targets.flatten()).backward()
 
     def ours_fused_step():
-        h = ours(idx, hidden_only=True)
-        distill_loss(h, ours.lm_head.weight, None, None, targets, alpha=0.0)[0].backward()
+        h, w = ours(idx, with_head=True)
+        distill_loss(h, w, None, None, targets, alpha=0.0)[0].backward()
 
     t = interleaved({"ref": ref_step, "ours": ours_step, "fused": ours_fused_step}, repeats)
     ours.eval(), ref.eval()
@@ -289,8 +289,8 @@ def make_step(side, B, T, chunk_size):
         def loss_fn(x, y):
             with torch.no_grad():
                 h_t = teacher(x, hidden_only=True)
-            h_s = student(x, hidden_only=True)
-            return distill_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, y, alpha=ALPHA,
+            h_s, w_s = student(x, with_head=True)
+            return distill_loss(h_s, w_s, h_t, teacher.lm_head.weight, y, alpha=ALPHA,
                                 temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size)[0]
     else:
         from transformers import Qwen2ForCausalLM

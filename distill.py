@@ -260,7 +260,6 @@ raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 we
 if init_from == "resume":
     raw_model.load_state_dict(ckpt["model"])
 raw_model.to(device)
-w_s = raw_model.lm_head.weight  # (V, D_s), tied to the embedding
 
 # -----------------------------------------------------------------------------
 # optimizer, GradScaler, resume
@@ -315,7 +314,7 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def loss_fn(h_s, h_t, y, normalizer):
+def loss_fn(h_s, w_s, h_t, y, normalizer):
     # outside autocast: the loss runs in float32 whatever the student's dtype
     return distill_loss(h_s, w_s, h_t, w_t, y, alpha=alpha, temperature=temperature, vocab_size=vocab_size,
                         kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer)
@@ -333,9 +332,9 @@ def evaluate():
     for i in range(0, len(my_val_windows), batch_size):
         x, y = load_windows("val", my_val_windows[i:i + batch_size])
         with autocast:
-            h_s = model(x, hidden_only=True)  # no dropout: train and eval modes are the same
+            h_s, w_s = model(x, with_head=True)  # no dropout: train and eval modes are the same
         h_t = teacher_model(x, hidden_only=True) if teacher_model is not None else None
-        _, s = loss_fn(h_s, h_t, y, 1.0)
+        _, s = loss_fn(h_s, w_s, h_t, y, 1.0)
         sums[0] += s["ce"]
         sums[3] += s["n"]
         if h_t is not None:
@@ -458,13 +457,15 @@ while True:
         if ddp:  # all-reduce the gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
-            h_s = train_model(x, hidden_only=True)  # (B, T, D_s) after the final norm
+            # (B, T, D_s) after the final norm, and the head's weight (V, D_s), tied to the embedding: taken
+            # from the forward so that the tied gradient is summed in place (model.py, _TiedHead)
+            h_s, w_s = train_model(x, with_head=True)
         h_t = None
         if teacher_model is not None:
             with torch.no_grad():
                 h_t = teacher_model(x, hidden_only=True)  # (B, T, D_t)
             stats[3] += (~torch.isfinite(h_t)).any()
-        loss, s = loss_fn(h_s, h_t, y, normalizer)
+        loss, s = loss_fn(h_s, w_s, h_t, y, normalizer)
         scaler.scale(loss).backward()
         stats[0] += loss.detach()
         stats[1] += s["ce"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model import CONFIGS, ModelConfig, Transformer, sample_next
+from model import CONFIGS, ModelConfig, Transformer, distill_loss, sample_next
 
 # (tied, n_head, n_kv_head, hidden, head_dim, intermediate, vocab): GQA ratios 1, 2 and 8, odd sizes
 SHAPES = [
@@ -45,6 +45,43 @@ def test_logits_match_transformers(tmp_path, shape):
     h = ours(idx, hidden_only=True)  # the final hidden states, without the head
     assert h.shape == (3, 37, shape[3])
     assert torch.allclose(ours.lm_head(h), ours_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_training_gradients_match_transformers(tmp_path, shape):
+    # the training path, with_head=True into distill_loss (CE only), against transformers' own loss
+    ref = hf_model(*shape).train()
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path), verbose=False)
+    idx, y = torch.randint(0, shape[-1], (2, 21)), torch.randint(0, shape[-1], (2, 21))
+    y[0, :5] = -100
+    h, w = ours(idx, with_head=True)
+    assert (w is ours.lm_head.weight) != shape[0]  # tied: the pass-through view (see _TiedHead)
+    distill_loss(h, w, None, None, y, alpha=0.0, chunk_size=8)[0].backward()
+    ref_loss = torch.nn.functional.cross_entropy(ref(idx).logits.flatten(0, 1), y.flatten())
+    ref_loss.backward()
+    theirs = {k.removeprefix("model."): p.grad for k, p in ref.named_parameters()}
+    for k, p in ours.named_parameters():
+        g = theirs[k]
+        assert (p.grad - g).abs().max().item() <= 1e-5 * g.abs().max().item() + 1e-7, k
+
+
+def test_tied_gradient_summed_in_place():
+    # with_head=True: the lookup's rows are added into the head's (V, D) gradient in place, so the weight's
+    # gradient is the very tensor distill_loss handed back, not a sum in a second (V, D) tensor
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, head_dim=8,
+                                intermediate_size=32, max_seq_len=32), verbose=False)
+    idx = torch.randint(0, 64, (2, 9))
+    h, w = m(idx, hidden_only=True), m.lm_head.weight
+    distill_loss(h, w, None, None, idx, alpha=0.0)[0].backward()
+    plain, m.embed_tokens.weight.grad = m.embed_tokens.weight.grad, None
+    h, w = m(idx, with_head=True)
+    head_grad = []
+    w.register_hook(lambda g: head_grad.append(g.data_ptr()))
+    distill_loss(h, w, None, None, idx, alpha=0.0)[0].backward()
+    g = m.embed_tokens.weight.grad
+    assert not g.is_sparse and head_grad == [g.data_ptr()]
+    assert (g - plain).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("tied", [True, False])
