@@ -117,6 +117,29 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up), keeping only gate and up for the backward. Plain autograd keeps four
+    (B, T, I) tensors per layer: gate, up, silu(gate) and the product (for down_proj's weight gradient).
+    The backward recomputes the last two, a few elementwise passes: 0.1 GB less at the CPU benchmark's
+    step (1 x 512 tokens), ~0.8 GB at the T4's 8 x 512. The forward is the same ops as the plain one."""
+
+    @staticmethod
+    def forward(ctx, gate, up, w):
+        ctx.save_for_backward(gate, up, w)
+        return F.linear(F.silu(gate) * up, w)
+
+    @staticmethod
+    def backward(ctx, grad):  # under autocast grad is fp16/bf16 and w float32: work in grad's dtype
+        gate, up, w = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        act = gate * sig                                            # silu(gate)
+        grad_w = grad.flatten(0, -2).T @ (act * up).flatten(0, -2)  # (D, I)
+        grad_prod = grad @ w.to(grad.dtype)                         # d loss / d(silu(gate) * up)
+        grad_up = grad_prod * act
+        grad_gate = grad_prod.mul_(up).mul_(sig * (1 + gate * (1 - sig)))  # silu' = sig (1 + gate (1 - sig))
+        return grad_gate, grad_up, grad_w.to(w.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,8 +147,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+    def forward(self, x):  # SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))
+        return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 class Block(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from model import CONFIGS, ModelConfig, Transformer, distill_loss, sample_next
+from model import CONFIGS, MLP, ModelConfig, Transformer, _SwiGLUDown, distill_loss, sample_next
 
 # (tied, n_head, n_kv_head, hidden, head_dim, intermediate, vocab): GQA ratios 1, 2 and 8, odd sizes
 SHAPES = [
@@ -82,6 +82,19 @@ def test_tied_gradient_summed_in_place():
     g = m.embed_tokens.weight.grad
     assert not g.is_sparse and head_grad == [g.data_ptr()]
     assert (g - plain).abs().max().item() <= 1e-6
+
+
+def test_swiglu_backward():
+    # the MLP's hand-written backward: gradcheck in float64, and it keeps only gate and up
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLUDown.apply, (gate, up, w))
+    mlp = MLP(ModelConfig(vocab_size=8, n_embd=16, intermediate_size=40))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        mlp(torch.randn(2, 3, 16, requires_grad=True))
+    assert saved.count((2, 3, 40)) == 2  # gate and up; plain autograd keeps silu(gate) and the product too
 
 
 @pytest.mark.parametrize("tied", [True, False])
