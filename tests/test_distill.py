@@ -275,3 +275,48 @@ def test_clear_errors(case, data, model_dir, odd_teachers, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("distill.py: error: "), r.stderr
     assert message in lines[0], lines[0]
+
+
+DDP_GRADS = '''
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from torch.nn.parallel import DistributedDataParallel as DDP
+from model import ModelConfig, Transformer, distill_loss
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)  # the same models and batch on every rank; each takes its half of the batch
+cfg = dict(vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=16, head_dim=8, intermediate_size=24, max_seq_len=32)
+student = Transformer(ModelConfig(**cfg), verbose=False)
+teacher = Transformer(ModelConfig(**dict(cfg, n_embd=24, head_dim=12)), verbose=False).requires_grad_(False)
+x, y = torch.randint(0, 50, (4, 12)), torch.randint(0, 50, (4, 12))
+y[0, :7] = y[3, 2:] = -100  # uneven valid tokens across the halves
+n = (y != -100).sum().float()
+if world > 1:
+    model, x, y = DDP(student), x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]
+else:
+    model = student
+h, w = model(x, with_head=True)
+h_t = teacher(x, hidden_only=True)
+loss, _ = distill_loss(h, w, h_t, teacher.lm_head.weight, y, normalizer=n / world)  # as distill.py
+loss.backward()
+if rank == 0:
+    torch.save({k: p.grad for k, p in student.named_parameters()}, sys.argv[2])
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_gradient_equals_one_process(tmp_path):
+    """Two processes, each with half of a batch (with_head's tied path, the step's normalizer), end with the
+    gradient of one process on the whole batch."""
+    script = tmp_path / "grads.py"
+    script.write_text(DDP_GRADS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for nproc, out in ((1, "one.pt"), (2, "two.pt")):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                            str(script), REPO, str(tmp_path / out)], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert (one[k] - two[k]).abs().max().item() <= 1e-6 + 1e-5 * one[k].abs().max().item(), k
