@@ -136,7 +136,7 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_w = grad.flatten(0, -2).T @ (act * up).flatten(0, -2)  # (D, I)
         grad_prod = grad @ w.to(grad.dtype)                         # d loss / d(silu(gate) * up)
         grad_up = grad_prod * act
-        grad_gate = grad_prod.mul_(up).mul_(sig * (1 + gate * (1 - sig)))  # silu' = sig (1 + gate (1 - sig))
+        grad_gate = grad_prod.mul_(up).mul_(act.mul_(1 - sig).add_(sig))  # silu' = sig + silu (1 - sig)
         return grad_gate, grad_up, grad_w.to(w.dtype)
 
 
