@@ -5,8 +5,10 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py prepare    # prepare.py vs the bare tokenizer
     python bench.py loss       # the fused distillation loss vs the plain full-logits loss
     python bench.py step       # a whole distillation step vs the same step written with transformers
+    python bench.py gpu        # CUDA only: config/t4.py through distill.py for 20 steps, then the largest batch
 
-Timings interleave the two sides and report medians; memory sections run each side in its own process.
+Timings interleave the two sides and report medians; memory sections run each side in its own process. gpu has
+no reference side: it reports what the T4 run would take (tokens/s, MFU, peak memory) on the GPU at hand.
 prepare needs ../shared/data (or --data/--tokenizer paths in bench_prepare's arguments); the loss's reference
 needs ~19 GB of free RAM and the step's ~11 GB (its timing holds both sides in one process).
 """
@@ -14,6 +16,7 @@ needs ~19 GB of free RAM and the step's ~11 GB (its timing holds both sides in o
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -369,7 +372,65 @@ def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
             f"{r / r_ref:.2f}x"] for name, n, t, r, t_ref, r_ref, peak in rows])
 
 
-SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step}
+def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), device="cuda", **flags):
+    """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) for `steps` steps through
+    distill.py itself, with a random teacher at the Qwen2.5-0.5B shape and random tokens: tokens/s, MFU and peak
+    memory (distill.py's peak_mem_gb: CUDA's max_memory_allocated). Then 3 steps at each of `batches` up to the
+    first over limit_gb (the T4's 15 GB less ~1 GB for CUDA's context and the allocator's cache) or out of
+    memory. flags: more distill.py settings (a CPU smoke run: device="cpu", block_size=64, teacher_dtype=...)."""
+    import numpy as np
+
+    from model import CONFIGS, Transformer
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: skipped")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False).half().save_pretrained(d)  # the "teacher"
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 2_000_000), ("val", 100_000)):
+            rng.integers(0, VOCAB, n, dtype=np.uint32).tofile(os.path.join(d, f"{split}.bin"))
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump({"dtype": "uint32", "vocab_size": VOCAB, "eos_id": 151_643, "tokenizer": None}, f)
+
+        def run(batch_size, iters):
+            out = os.path.join(d, f"out{batch_size}_{iters}")
+            args = dict(dict(teacher=d, data_dir=d, out_dir=out, device=device, batch_size=batch_size, max_iters=iters,
+                             lr_decay_iters=iters, warmup_iters=2, eval_interval=10 ** 6, eval_iters=1, log_interval=1),
+                        **flags)
+            r = subprocess.run([sys.executable, os.path.join(REPO, "distill.py"), os.path.join(REPO, "config", "t4.py"),
+                                *(f"--{k}={v}" for k, v in args.items())], capture_output=True, text=True)
+            if r.returncode != 0:
+                return None, (r.stderr.strip().splitlines() or ["?"])[-1]
+            with open(os.path.join(out, "log.jsonl")) as f:
+                rows = [row for row in map(json.loads, f) if "loss" in row]
+            shutil.rmtree(out)  # its ckpt.pt and hf/: 2 GB a run
+            later = rows[len(rows) // 4:] or rows  # past the warm-up (CUDA init, allocator growth)
+            med = lambda k: statistics.median(row[k] for row in later) if later[0][k] is not None else None
+            return (med("tokens_per_sec"), med("mfu"), max(row["peak_mem_gb"] for row in rows)), None
+
+        name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if device == "cuda" else machine()
+        print(f"config/t4.py on {name}; a random teacher (the Qwen2.5-0.5B shape) and random "
+              f"tokens; tokens/s and MFU: medians over the last 3/4 of the steps; flags {flags or 'none'}\n")
+        rows, fits = [], []
+        for i, (what, b, iters) in enumerate([(f"T4 settings, {steps} steps", 8, steps)] +
+                                             [("3 steps", b, 3) for b in batches]):
+            res, err = run(b, iters)
+            if res is None:
+                rows.append([what, b, err, "-", "-"])
+                break
+            tps, mfu, mem = res
+            rows.append([what, b, f"{tps:,.0f}", f"{mfu:.1%}" if mfu else "-", f"{mem:.2f}"])
+            if i > 0:  # the batch search
+                if mem > limit_gb:
+                    break
+                fits.append(b)
+        table(["run", "batch_size", "tokens/s", "MFU", "peak GB"], rows)
+        print(f"\nlargest batch_size with peak <= {limit_gb} GB: {max(fits) if fits else 'none of ' + str(batches)}")
+
+
+SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step, "gpu": bench_gpu}
 CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair}
 
 if __name__ == "__main__":
