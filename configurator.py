@@ -6,7 +6,8 @@ nanoGPT's configurator, made strict. A script defines its settings as plain glob
 which applies, in order, config files given as plain arguments (`config/t4.py`, found from the working
 directory or else from this repository) and `--key=value` flags. Unknown keys are an error that names the
 nearest known key; an int is accepted for a float; `None` can be given to any key, and any value to a key
-whose default is None; values may contain `=`. Returns the final settings as a dict.
+whose default is None; values may contain `=`. Returns the final settings as a dict. `--help` prints the
+script's settings block, comments and all.
 """
 
 import ast
@@ -24,6 +25,15 @@ def configure(g, argv=None):
 
     def fail(msg):
         raise SystemExit(f"{script}: error: {msg}")
+
+    if "-h" in argv or "--help" in argv:  # the settings document themselves: print that part of the script
+        with open(g["__file__"], encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        end = next(i for i, line in enumerate(lines) if line.startswith("config = configure("))
+        start = max(i for i in range(end) if lines[i].startswith("# ---")) + 1
+        print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]\n")
+        print("\n".join(lines[start:end]))
+        raise SystemExit(0)
 
     def check(key, value, where):
         if key not in keys:
