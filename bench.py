@@ -9,10 +9,12 @@ Speed and memory, side by side with a reference in the same run; the README show
 
 Timings interleave the two sides and report medians; memory sections run each side in its own process. gpu has
 no reference side: it reports what the T4 run would take (tokens/s, MFU, peak memory) on the GPU at hand.
-prepare needs ../shared/data (or --data/--tokenizer paths in bench_prepare's arguments); the loss's reference
-needs ~19 GB of free RAM and the step's ~11 GB (its timing holds both sides in one process).
+Settings of a section as --key=value after the names: `python bench.py prepare --tokenizer=DIR` (the
+tokenizer as a hub id, the default, or a local directory). The loss's reference needs ~19 GB of free RAM and
+the step's ~11 GB (its timing holds both sides in one process).
 """
 
+import inspect
 import json
 import os
 import resource
@@ -113,11 +115,10 @@ def bench_model(T=512, repeats=3, prompt_len=32, new_tokens=128):
         ref(idx, labels=x[:, :-1]).loss.backward()  # transformers shifts the labels itself
 
     def ours_step():
-        F.cross_entropy(ours(idx).flatten(0, 1), targets.flatten()).backward()
+        F.cross_entropy(ours.lm_head(ours(idx)).flatten(0, 1), targets.flatten()).backward()
 
     def ours_fused_step():
-        h, w = ours(idx, with_head=True)
-        distill_loss(h, w, None, None, targets, alpha=0.0)[0].backward()
+        distill_loss(ours(idx), ours.lm_head.weight, None, None, targets, alpha=0.0)[0].backward()
 
     t = interleaved({"ref": ref_step, "ours": ours_step, "fused": ours_fused_step}, repeats)
     ours.eval(), ref.eval()
@@ -142,7 +143,6 @@ def bench_model(T=512, repeats=3, prompt_len=32, new_tokens=128):
 # -----------------------------------------------------------------------------
 # prepare.py vs the bare tokenizer
 
-SHARED = os.path.join(REPO, "..", "shared", "data")
 # the bare tokenizer: load it, batch-encode the same documents, one EOS each, write the array
 BARE = r"""
 import json, sys
@@ -173,12 +173,16 @@ def run_command(cmd):
     return float(wall), int(rss_kb) * 1024
 
 
-def bench_prepare(data=os.path.join(SHARED, "zh_wiki_sample.jsonl"), tokenizer=os.path.join(SHARED, "qwen2.5-tokenizer"),
+def bench_prepare(data=os.path.join(REPO, "data", "zh_wiki_sample.jsonl"), tokenizer="Qwen/Qwen2.5-0.5B",
                   copies=11, repeats=2):
     """~17 MB: the 1.6 MB zh Wikipedia sample repeated 11 times. Each side is a fresh process (start, imports
     and tokenizer load included), the sides alternate, medians compared."""
-    if not (os.path.exists(data) and os.path.isdir(tokenizer)):
-        raise SystemExit(f"bench.py: prepare needs {data} and {tokenizer}")
+    from model import TOKENIZER_FILES, resolve_pretrained
+
+    try:  # a hub id is downloaded here, once, so that neither side times the download
+        tokenizer = resolve_pretrained(tokenizer, TOKENIZER_FILES)
+    except FileNotFoundError as e:
+        raise SystemExit(f"bench.py: prepare: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         with open(data, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
@@ -291,9 +295,8 @@ def make_step(side, B, T, chunk_size):
 
         def loss_fn(x, y):
             with torch.no_grad():
-                h_t = teacher(x, hidden_only=True)
-            h_s, w_s = student(x, with_head=True)
-            return distill_loss(h_s, w_s, h_t, teacher.lm_head.weight, y, alpha=ALPHA,
+                h_t = teacher(x)
+            return distill_loss(student(x), student.lm_head.weight, h_t, teacher.lm_head.weight, y, alpha=ALPHA,
                                 temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size)[0]
     else:
         from transformers import Qwen2ForCausalLM
@@ -437,8 +440,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process
         print(json.dumps(CHILDREN[sys.argv[2]](**json.loads(sys.argv[3]))))
         sys.exit()
-    for name in sys.argv[1:] or list(SECTIONS):
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(SECTIONS)
+    flags = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
+    for name in names:
         if name not in SECTIONS:
             raise SystemExit(f"bench.py: error: unknown section {name!r}; one of {', '.join(SECTIONS)}")
+    for key in flags:
+        if not any(key in inspect.signature(SECTIONS[name]).parameters for name in names):
+            raise SystemExit(f"bench.py: error: no section of {', '.join(names)} takes --{key}")
+    for name in names:
         print(f"\n## {name}\n", flush=True)
-        SECTIONS[name]()
+        SECTIONS[name](**{k: v for k, v in flags.items() if k in inspect.signature(SECTIONS[name]).parameters})

@@ -1,7 +1,7 @@
 """
 Distill Qwen2.5-0.5B (the teacher) into a small Qwen2 student on the token bins of prepare.py.
 
-    python distill.py config/t4.py                         # the design's run, one T4
+    python distill.py config/t4.py                         # the standard run, one T4
     python distill.py config/t4.py --batch_size=4          # any setting as --key=value, after the files
     python -m torch.distributed.run --standalone --nproc_per_node=8 distill.py config/a100.py
     python distill.py --teacher=None                       # no teacher: a plain language model (CE only)
@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import KD_KINDS, ModelConfig, Transformer, distill_loss
+from model import DTYPES, KD_KINDS, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, distill_loss, \
+    resolve_pretrained
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -84,7 +85,6 @@ seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense peak FLOP/s per GPU, for MFU, by the student's dtype; float32 means TF32 where the GPU has it (enabled
 # below). Matched against the words of torch.cuda.get_device_name(); anything else (and CPUs) gets mfu null.
 PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
@@ -99,8 +99,6 @@ PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
     (("T4",), {"float16": 65e12, "float32": 8.1e12}),
 ]
 
-
-NON_FINITE_TEACHER = "non-finite teacher output at iter {} (fp16 overflow?); try --teacher_dtype=float32 or bfloat16"
 
 
 def die(msg):  # one clear line and a non-zero exit, printed once under torchrun
@@ -135,8 +133,7 @@ def print0(*args, **kw):
 if init_from not in ("scratch", "resume"):
     die(f"init_from={init_from!r}: use scratch or resume")
 if teacher_dtype == "auto":
-    teacher_dtype = "float32" if device_type == "cpu" else (
-        "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16")
+    teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
 for key, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
     if value not in DTYPES:
         die(f"{key}={value!r}: use float32, bfloat16 or float16")
@@ -236,7 +233,7 @@ if teacher is not None:
             f"prepare the data with the teacher's tokenizer")
     if block_size > tcfg.max_seq_len:
         die(f"block_size {block_size} exceeds the teacher's max_seq_len {tcfg.max_seq_len}")
-    w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, chunk by chunk
+    w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, a chunk of tokens at a time
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
@@ -269,12 +266,12 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "
                                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel, no temporaries
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's small range needs loss scaling
-iter_num, data_pos, best_val_loss = 0, (0, 0), float("inf")  # best_val_loss: the lowest val CE so far
+iter_num, data_pos, best_val_ce = 0, (0, 0), float("inf")
 if init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] is not None and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
-    iter_num, data_pos, best_val_loss = ckpt["iter_num"], fit(tuple(ckpt["data_pos"])), ckpt["best_val_loss"]
+    iter_num, data_pos, best_val_ce = ckpt["iter_num"], fit(tuple(ckpt["data_pos"])), ckpt["best_val_ce"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -296,7 +293,7 @@ def save_checkpoint():
     ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
-            "best_val_loss": best_val_loss, "config": config, "tokenizer": meta.get("tokenizer"),
+            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
             # nothing random runs after the init (the data order comes from seed + epoch), but a future dropout
             # or sampling step would need these
             "rng": {"torch": torch.get_rng_state(),
@@ -314,10 +311,29 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def loss_fn(h_s, w_s, h_t, y, normalizer):
-    # outside autocast: the loss runs in float32 whatever the student's dtype
-    return distill_loss(h_s, w_s, h_t, w_t, y, alpha=alpha, temperature=temperature, vocab_size=vocab_size,
-                        kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer)
+def loss_fn(h_s, h_t, y, normalizer):
+    # outside autocast: the loss runs in float32 whatever the student's dtype. It applies both heads itself, a
+    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor)
+    return distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha, temperature=temperature,
+                        vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta,
+                        normalizer=normalizer)
+
+
+def all_reduce(stats):
+    """{name: 0-dim tensor} -> {name: float}, summed over processes in one all-reduce: one host sync."""
+    values = torch.stack([v.float() for v in stats.values()])
+    if ddp:
+        dist.all_reduce(values)
+    return dict(zip(stats, values.tolist()))
+
+
+def check_finite(what, value, bad_teacher):
+    # before anything trains on it: a non-finite teacher output (fp16 overflow) or loss stops the run
+    if bad_teacher:
+        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try --teacher_dtype=float32 or bfloat16")
+    if not math.isfinite(value):
+        die(f"non-finite {what} at iter {iter_num}; lower learning_rate" +
+            ("" if dtype == "float32" else ", or try --dtype=float32"))
 
 
 teacher_val_ce = None  # computed at the first eval of a run, logged once
@@ -328,32 +344,27 @@ def evaluate():
     """Val CE, forward KL and top-1 agreement with the teacher, token-weighted over the fixed val windows,
     summed over processes. normalizer=1 makes distill_loss's stats plain sums."""
     global teacher_val_ce
-    sums = torch.zeros(6, device=device)  # ce, kl, top1, tokens, teacher ce, non-finite teacher batches
+    sums = {k: torch.zeros((), device=device) for k in ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")}
     for i in range(0, len(my_val_windows), batch_size):
         x, y = load_windows("val", my_val_windows[i:i + batch_size])
         with autocast:
-            h_s, w_s = model(x, with_head=True)  # no dropout: train and eval modes are the same
-        h_t = teacher_model(x, hidden_only=True) if teacher_model is not None else None
-        _, s = loss_fn(h_s, w_s, h_t, y, 1.0)
-        sums[0] += s["ce"]
-        sums[3] += s["n"]
+            h_s = model(x)  # no dropout: train and eval modes are the same
+        h_t = teacher_model(x) if teacher_model is not None else None
+        _, s = loss_fn(h_s, h_t, y, 1.0)
+        for k in s.keys() & sums.keys():
+            sums[k] += s[k]
         if h_t is not None:
-            sums[1] += s["kl"]
-            sums[2] += s["top1"]
-            sums[5] += (~torch.isfinite(h_t)).any()
+            sums["bad_teacher"] += (~torch.isfinite(h_t)).any()
             if teacher_val_ce is None:
-                sums[4] += distill_loss(h_t, w_t, None, None, y, alpha=0.0, vocab_size=vocab_size,
-                                        chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
-    if ddp:
-        dist.all_reduce(sums)
-    ce, kl, top1, n, tce, bad = sums.tolist()
-    if bad:
-        die(NON_FINITE_TEACHER.format(iter_num))
-    row = {"iter": iter_num, "val_ce": ce / n, "val_ppl": math.exp(min(ce / n, 700)),
-           "val_kl": kl / n if teacher_model is not None else None,
-           "val_top1": top1 / n if teacher_model is not None else None}
-    if teacher_model is not None and teacher_val_ce is None:
-        teacher_val_ce = row["teacher_val_ce"] = tce / n
+                sums["teacher_ce"] += distill_loss(h_t, w_t, None, None, y, alpha=0.0, vocab_size=vocab_size,
+                                                   chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
+    r = all_reduce(sums)
+    check_finite("val_ce", r["ce"], r["bad_teacher"])
+    n, has_teacher = r["n"], teacher_model is not None
+    row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
+           "val_kl": r["kl"] / n if has_teacher else None, "val_top1": r["top1"] / n if has_teacher else None}
+    if has_teacher and teacher_val_ce is None:
+        teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
     return row
 
 
@@ -435,7 +446,7 @@ t_log, log_from = time.time(), iter_num
 while True:
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at:
         row = evaluate()
-        best_val_loss = min(best_val_loss, row["val_ce"])  # the best so far, never a worse value
+        best_val_ce = min(best_val_ce, row["val_ce"])  # the best so far, never a worse value
         log_row(row)
         save_checkpoint()
         t_log, log_from = time.time(), iter_num  # the eval's time is no training time
@@ -452,39 +463,32 @@ while True:
     if ddp:
         dist.all_reduce(n_tokens)
     normalizer = n_tokens / world_size
-    stats = torch.zeros(4, device=device)  # loss, ce, kl, non-finite teacher outputs
+    stats = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kl", "bad_teacher")}
     for micro, (x, y) in enumerate(batches):
         if ddp:  # all-reduce the gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
-            # (B, T, D_s) after the final norm, and the head's weight (V, D_s), tied to the embedding: taken
-            # from the forward so that the tied gradient is summed in place (model.py, _TiedHead)
-            h_s, w_s = train_model(x, with_head=True)
+            h_s = train_model(x)  # (B, T, D_s) after the final norm
         h_t = None
         if teacher_model is not None:
             with torch.no_grad():
-                h_t = teacher_model(x, hidden_only=True)  # (B, T, D_t)
-            stats[3] += (~torch.isfinite(h_t)).any()
-        loss, s = loss_fn(h_s, w_s, h_t, y, normalizer)
+                h_t = teacher_model(x)  # (B, T, D_t)
+            stats["bad_teacher"] += (~torch.isfinite(h_t)).any()
+        loss, s = loss_fn(h_s, h_t, y, normalizer)
         scaler.scale(loss).backward()
-        stats[0] += loss.detach()
-        stats[1] += s["ce"]
-        stats[2] += s.get("kl", 0.0)
+        stats["loss"] += loss.detach()
+        stats["ce"] += s["ce"]
+        stats["kl"] += s.get("kl", 0.0)
     data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
     batches = step_batches(data_pos)  # the next step's batches, read while the GPU still works on this one
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop request
-    health = torch.cat([stats[:3] / world_size, grad_norm.reshape(1).float() / world_size, stats[3:],
-                        torch.tensor([float(stop_requested)], device=device)])
-    if ddp:
-        dist.all_reduce(health)
-    loss_v, ce_v, kl_v, grad_norm_v, bad_teacher, stop = health.tolist()
-    if bad_teacher:
-        die(NON_FINITE_TEACHER.format(iter_num))
-    if not math.isfinite(loss_v):
-        die(f"non-finite loss at iter {iter_num}; lower learning_rate" + ("" if dtype == "float32" else
-                                                                         ", or try --dtype=float32"))
+    # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop request;
+    # loss, ce, kl and grad_norm are the same mean on every process once divided by world_size
+    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=torch.tensor(float(stop_requested), device=device)))
+    for k in ("loss", "ce", "kl", "grad_norm"):
+        r[k] /= world_size
+    check_finite("loss", r["loss"], r["bad_teacher"])
     scaler.step(optimizer)  # skipped by the GradScaler when float16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -493,12 +497,12 @@ while True:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
         mfu = flops_per_token * tps / (world_size * peak) if peak else None
-        row = {"iter": iter_num, "loss": loss_v, "ce": ce_v, "kl": kl_v if teacher_model is not None else None,
-               "lr": lr, "grad_norm": grad_norm_v, "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": peak_mem_gb()}
+        row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher_model is not None else None,
+               "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": peak_mem_gb()}
         log_row(row)
         t_log, log_from = time.time(), iter_num + 1
     iter_num += 1
-    if stop:
+    if r["stop"]:
         save_checkpoint()
         print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings and --init_from=resume")
         if ddp:
@@ -510,18 +514,14 @@ while True:
 # the end: the student as a Hugging Face directory, with the tokenizer
 
 if master:
-    hf_dir = os.path.join(out_dir, "hf")
-    tokenizer = meta.get("tokenizer")
-    tokenizer_dir = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
-    if tokenizer and tokenizer_dir is None:  # a hub id: fetch it (cached) and save its files next to the weights
+    hf_dir, tokenizer_dir = os.path.join(out_dir, "hf"), None
+    if meta.get("tokenizer"):  # a local directory, or a hub id (its files are in the Hugging Face cache by now)
         try:
-            from transformers import AutoTokenizer
-            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(hf_dir)
-            tokenizer_dir = hf_dir
-        except Exception as e:  # offline, say: the weights are still exported
-            print(f"note: tokenizer {tokenizer} not saved to {hf_dir} ({type(e).__name__})", file=sys.stderr)
+            tokenizer_dir = resolve_pretrained(meta["tokenizer"], TOKENIZER_FILES)
+        except FileNotFoundError as e:  # offline, say: the weights are still exported
+            print(f"note: the tokenizer is not saved with the student: {e}", file=sys.stderr)
     raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
-    print(f"best val_ce {best_val_loss:.4f}; exported {hf_dir}", flush=True)
+    print(f"best val_ce {best_val_ce:.4f}; exported {hf_dir}", flush=True)
 if ddp:
     dist.barrier()  # the others wait for rank 0's export
     dist.destroy_process_group()

@@ -3,6 +3,7 @@ The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the stude
 
 - ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2 config.json.
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
+  model(idx) gives the final hidden states; model.lm_head(h) the logits.
 - from_pretrained / save_pretrained: read and write Hugging Face Qwen2 checkpoints (safetensors).
 - generate: sampling with a KV cache.
 - distill_loss: the fused, chunked distillation loss (it never holds [B, T, V] logits).
@@ -41,7 +42,7 @@ CONFIGS = {
     # Qwen/Qwen2.5-0.5B: 494,032,768 parameters
     "qwen2.5-0.5b": ModelConfig(n_layer=24, n_head=14, n_kv_head=2, n_embd=896, head_dim=64,
                                 intermediate_size=4864, max_seq_len=32768),
-    # the design's student: 123,426,304 parameters, 77.8M of them in the (tied) embedding
+    # the student: 123,426,304 parameters, 77.8M of them in the (tied) embedding
     "student-123m": ModelConfig(n_layer=12, n_head=8, n_kv_head=2, n_embd=512, head_dim=64,
                                 intermediate_size=2048, max_seq_len=512),
 }
@@ -117,29 +118,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """down_proj(silu(gate) * up), keeping only gate and up for the backward. Plain autograd keeps four
-    (B, T, I) tensors per layer: gate, up, silu(gate) and the product (for down_proj's weight gradient).
-    The backward recomputes the last two, a few elementwise passes: 0.1 GB less at the CPU benchmark's
-    step (1 x 512 tokens), ~0.8 GB at the T4's 8 x 512. The forward is the same ops as the plain one."""
-
-    @staticmethod
-    def forward(ctx, gate, up, w):
-        ctx.save_for_backward(gate, up, w)
-        return F.linear(F.silu(gate) * up, w)
-
-    @staticmethod
-    def backward(ctx, grad):  # under autocast grad is fp16/bf16 and w float32: work in grad's dtype
-        gate, up, w = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        act = gate * sig                                            # silu(gate)
-        grad_w = grad.flatten(0, -2).T @ (act * up).flatten(0, -2)  # (D, I)
-        grad_prod = grad @ w.to(grad.dtype)                         # d loss / d(silu(gate) * up)
-        grad_up = grad_prod * act
-        grad_gate = grad_prod.mul_(up).mul_(act.mul_(1 - sig).add_(sig))  # silu' = sig + silu (1 - sig)
-        return grad_gate, grad_up, grad_w.to(w.dtype)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,8 +125,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
-    def forward(self, x):  # SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))
-        return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -184,24 +162,6 @@ class KVCache:
 
 # -----------------------------------------------------------------------------
 # the model
-
-
-class _TiedHead(torch.autograd.Function):
-    """The identity, applied to a tied embedding/head weight before the embedding lookup. The weight's
-    gradient has two parts: the head's, dense (V x D, from distill_loss), and the lookup's, T rows. By
-    default they meet as two dense V x D tensors (the lookup's embedding_backward allocates one) and are
-    summed: 0.31 GB more at the step's peak for student-123m. Here the lookup's gradient is sparse, and
-    this node, created first, runs last in the backward (autograd runs the most recently created nodes
-    first), so the sparse rows arrive first and autograd adds them into the dense gradient in place.
-    Only the memory changes: the gradient is the same (tests/test_model.py)."""
-
-    @staticmethod
-    def forward(ctx, w):
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class Transformer(nn.Module):
@@ -260,31 +220,21 @@ class Transformer(nn.Module):
         n = self.num_params() - (0 if cfg.tie_word_embeddings else self.embed_tokens.weight.numel())
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-    def forward(self, idx, cache=None, hidden_only=False, with_head=False):
-        """idx (B, T) -> logits (B, T, V) in float32, or with hidden_only=True the final hidden states
-        (B, T, D) after the last norm (the distillation loss applies the head itself, in chunks), or with
-        with_head=True the pair (hidden states, head weight (V, D)) to hand to distill_loss; see _TiedHead
-        for why the weight comes from here. Non-finite activations anywhere reach the final hidden
-        states, so torch.isfinite(h).all() on them is the cheap check (fp16 overflow)."""
+    def forward(self, idx, cache=None):
+        """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied by
+        whoever needs logits: self.lm_head(h) for all of them, distill_loss a chunk of tokens at a time,
+        generation at the last position only. Non-finite activations anywhere reach these hidden
+        states, so torch.isfinite(h).all() is the cheap check (fp16 overflow)."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         assert pos == 0 or T == 1, "the KV cache takes a prefill from position 0, then one token at a time"
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        w = self.lm_head.weight
-        if with_head and w is self.embed_tokens.weight and w.requires_grad and torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():  # (the compiler plans memory its own way)
-            w = _TiedHead.apply(w)  # before the lookup, whose gradient is made sparse: see _TiedHead
-            x = F.embedding(idx, self.embed_tokens.weight, sparse=True)
-        else:
-            x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
-        x = self.norm(x)
-        if with_head:
-            return x, w
-        return x if hidden_only else self.lm_head(x).float()
+        return self.norm(x)
 
     # -------------------------------------------------------------------------
     # generation
@@ -301,7 +251,7 @@ class Transformer(nn.Module):
                   file=sys.stderr)
             max_new_tokens = room
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.embed_tokens.weight.dtype)
-        h = self(idx, cache, hidden_only=True)[:, -1]  # prefill; the head only for the last position
+        h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             logits = self.lm_head(h).float()
@@ -312,7 +262,7 @@ class Transformer(nn.Module):
                 if done.all():
                     return
             if cache.pos < cache.k.size(3):
-                h = self(nxt[:, None], cache, hidden_only=True)[:, -1]
+                h = self(nxt[:, None], cache)[:, -1]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
         """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops early once every row emitted eos_id."""
@@ -328,9 +278,10 @@ class Transformer(nn.Module):
         from safetensors.torch import load_file
 
         path = resolve_pretrained(path)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
         with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf, path)
+            config = config_from_hf(json.load(f), path)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):  # sharded
             with open(index) as f:
@@ -339,29 +290,35 @@ class Transformer(nn.Module):
             files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
-        # built on the meta device and then assigned the loaded tensors: the weights exist once in memory
-        with torch.device("meta"):
-            model = cls(config, verbose=False)
         sd = {}
         for name in files:
             for k, t in load_file(os.path.join(path, name), device=str(device)).items():
-                sd[k.removeprefix("model.")] = t.to(dtype)
-        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old exports carry it
+                if not k.endswith("rotary_emb.inv_freq"):  # old exports carry it
+                    sd[k.removeprefix("model.")] = t.to(dtype)
+        model = cls.from_state_dict(config, sd, device, where=path)
+        if verbose:
+            print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config, sd, device="cpu", where="state dict"):
+        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode. Built on
+        the meta device and assigned the tensors, so the weights exist once in memory."""
+        with torch.device("meta"):
+            model = cls(config, verbose=False)
         expected = set(model.state_dict())
         if config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-            sd.pop("lm_head.weight", None)  # a tied export may carry a copy; the embedding is the head
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # a tied export may carry a copy
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
-            raise ValueError(f"{path}: the weights do not match a Qwen2 model of its config.json: "
+            raise ValueError(f"{where}: the weights do not match a Qwen2 model of its config: "
                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
         model.load_state_dict(sd, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.init_rope(torch.device(device))
-        if verbose:
-            print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
         return model.eval()
 
     def save_pretrained(self, out_dir, tokenizer_dir=None):
@@ -427,20 +384,31 @@ def special_token_ids(tokenizer_dir):
     return ids
 
 
-def resolve_pretrained(path):
-    """A local directory as is; otherwise a hub id, downloaded (config and safetensors only)."""
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"no model directory at {path} (and it is not a hub id like Qwen/Qwen2.5-0.5B)")
+def resolve_pretrained(name, patterns=("*.json", "*.safetensors")):
+    """A local directory as it is; otherwise a hub id such as "Qwen/Qwen2.5-0.5B", whose files matching patterns
+    are downloaded once (the Hugging Face cache): returns that directory. Models and tokenizers alike."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"no directory {name} (and it is not a hub id like Qwen/Qwen2.5-0.5B)")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+        return snapshot_download(name, allow_patterns=list(patterns))
     except Exception as e:  # offline, unknown repo, gated: one line, and the way out
-        raise FileNotFoundError(f"could not download {path} from the Hugging Face hub "
+        raise FileNotFoundError(f"could not download {name} from the Hugging Face hub "
                                 f"({type(e).__name__}); offline, pass a local directory instead") from None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_dtype(device):
+    """float32 on CPU; on CUDA bfloat16 from sm80 (Ampere) on, float16 before: a T4 (sm75) reports bfloat16 as
+    supported, but emulates it, and its fused attention kernels do not take it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def config_from_hf(hf, path="config.json"):
@@ -484,29 +452,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 # -----------------------------------------------------------------------------
-# Distillation loss: fused LM head + KL/CE, chunked over tokens, never materializing the
-# full [B*T, V] logits. Over the valid tokens i (targets != ignore_index), with tau the
-# temperature and logits z = h @ w[:vocab_size].T (ids >= vocab_size, Qwen's padding rows,
-# are excluded from both softmaxes):
-#   p_s = softmax(z_s / tau), p_t = softmax(z_t / tau)
-#   kl_i  = sum_v p_t (log p_t - log p_s)                  forward KL(p_t || p_s)
-#   ce_i  = -log softmax(z_s)[target_i]                    at tau = 1
-#   loss  = (alpha * tau^2 * sum_i div_i + (1 - alpha) * sum_i ce_i) / N
-# div is the divergence picked by `kind` (kl for "forward_kl"); N is `normalizer`, by default
-# this call's count of valid tokens. Under gradient accumulation / DDP pass the valid-token count
-# of the whole optimizer step, so the micro-steps' losses add up to the step's mean.
-# kinds (all with the tau^2 factor):
-#   forward_kl  KL(p_t || p_s), mass-covering: the student spreads over every teacher mode. The
-#               standard for distilling on a fixed corpus (teacher forcing); the default.
-#   reverse_kl  KL(p_s || p_t), mode-seeking: the student may drop the teacher's low-probability
-#               tail. Helps a much smaller student on generation quality (MiniLLM), mostly with
-#               student-generated (on-policy) text; on a fixed corpus it usually gives worse CE.
-#   jsd         generalized JSD as in GKD: M = beta p_t + (1 - beta) p_s,
-#               jsd = beta KL(p_t || M) + (1 - beta) KL(p_s || M), bounded by the binary entropy
-#               of beta (<= log 2). ~ beta * forward KL as beta -> 0, ~ (1 - beta) * reverse KL as
-#               beta -> 1. Less swayed by teacher-tail tokens; GKD found it best on-policy.
-# Gradients are analytic and computed in the forward pass, chunk by chunk (a backward that
-# recomputed the chunks would redo the teacher matmul, the most expensive one); u = z_s / tau:
+# Distillation loss: fused LM head + KL/CE, chunked over tokens, never materializing the full [B*T, V]
+# logits (docs/loss.md: the design, each kind, the derivations). Over the valid tokens i (targets !=
+# ignore_index), with tau the temperature and z = h @ w[:vocab_size].T (rows from vocab_size up, Qwen's
+# padding ids, are left out of both softmaxes):
+#   p_s = softmax(z_s / tau), p_t = softmax(z_t / tau), ce_i = -log softmax(z_s)[target_i]
+#   loss = (alpha * tau^2 * sum_i div_i + (1 - alpha) * sum_i ce_i) / N
+# div by kind: forward_kl KL(p_t || p_s) (the default), reverse_kl KL(p_s || p_t), jsd beta KL(p_t || M) +
+# (1 - beta) KL(p_s || M) with M = beta p_t + (1 - beta) p_s. N: the valid tokens of the call by default;
+# under gradient accumulation / DDP the whole step's. The gradients are analytic and computed in the forward
+# pass, chunk by chunk (a backward that recomputed the chunks would redo the teacher's matmul); u = z_s / tau:
 #   d(tau^2 KL(p_t||p_s))/dz_s = tau (p_s - p_t)
 #   d(tau^2 KL(p_s||p_t))/dz_s = tau p_s (log p_s - log p_t - KL(p_s||p_t))
 #   d(tau^2 JSD)/dz_s          = tau (1 - beta) p_s (r - sum_v p_s r),  r = log p_s - log M
@@ -515,60 +470,48 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _rowdot(a, b, out):  # sum_v a * b per row: [C, V] x [C, V] -> [C, 1]; out: [C, V] scratch
-    return torch.mul(a, b, out=out).sum(-1, keepdim=True)  # (bmm is faster, less accurate)
+def _rowdot(a, b, out):  # sum_v a * b per row: [C, V] x [C, V] -> [C, 1]; out: a free [C, V] buffer
+    return torch.mul(a, b, out=out).sum(-1, keepdim=True)
 
 
-def _logits(h, w, out, tmp):
-    """out [C, V] = h [C, D] @ w[V, D].T. On CPU the weight-major product w @ h.T, [V, C], runs faster
-    (101-168 vs 72-107 GFLOP/s at C=128, V=151,936); it goes to tmp, a free buffer, then one transposing copy."""
-    if h.is_cuda:
-        return torch.mm(h, w.T, out=out)
-    z_t = torch.mm(w, h.T, out=tmp.view(-1)[:out.numel()].view(out.shape[1], out.shape[0]))
-    return out.copy_(z_t.T)
-
-
-def _kd_chunk(zs, zt, y, scratch, alpha, tau, kind, beta, need_grad):
-    """Per-token terms of one chunk of C valid tokens. zs [C, V] student logits; zt [C, V] teacher
-    logits already divided by tau (None: CE only); y [C, 1]. All math is in place in zs, zt and
-    scratch ([2, >=C, V]): four [C, V] buffers, no allocation. With need_grad, zs ends up holding
-    dL/dz_s of the unnormalized loss. Returns the chunk's sums of [ce, kl, div, top1] (the last three
-    0 without a teacher). CE's log softmax(z_s) is log softmax(tau * ls) (softmax ignores a shift),
-    computed last, so that no buffer has to keep it through the KD terms."""
-    l1, l2 = (buf[:len(y)] for buf in scratch)
+def _kd_chunk(zs, zt, y, a, b, alpha, tau, kind, beta, need_grad):
+    """The loss terms of one chunk of C valid tokens, in place in four [C, V] float32 buffers: zs holds the
+    student's logits, zt the teacher's divided by tau (None: CE only), a and b are free. The comments say what
+    each buffer holds from that line on. With need_grad, zs ends holding dL/dz_s of the unnormalized loss.
+    Returns the chunk's sums [ce, kl, div, top1] (the last three 0 without a teacher)."""
     if zt is None:
-        lq = torch.log_softmax(zs, -1, out=l1)          # log softmax(z_s)                [C, V]
+        log_q = torch.log_softmax(zs, -1, out=a)             # a: log softmax(z_s)
         kl = div = top1 = zs.new_zeros(())
-    else:  # the student agrees if its logit at the teacher's argmax is its max (argmax is slow)
+    else:  # the student agrees if its logit at the teacher's argmax is its largest (argmax is slow)
         top1 = (zs.gather(1, zt.argmax(-1, keepdim=True)) >= zs.amax(-1, keepdim=True)).sum().float()
-        ls = torch.log_softmax(zs.div_(tau), -1, out=l1)  # log p_s; from here zs is scratch
-        lt = torch.log_softmax(zt, -1, out=l2)          # log p_t
-        pt = torch.exp(lt, out=zt)                      # p_t
-        kl = _rowdot(pt, torch.sub(lt, ls, out=zs), zs)  # KL(p_t || p_s)               [C, 1]
+        log_ps = torch.log_softmax(zs.div_(tau), -1, out=a)  # a: log p_s (kept to the end); zs: free
+        log_pt = torch.log_softmax(zt, -1, out=b)            # b: log p_t
+        p_t = torch.exp(log_pt, out=zt)                      # zt: p_t
+        kl = _rowdot(p_t, torch.sub(log_pt, log_ps, out=zs), zs)  # KL(p_t || p_s) per row; zs: free
         # each kind leaves g / k in zs, its gradient dL/dz_s divided by k (folded into the mix below)
-        if kind == "forward_kl":                        # g = tau (p_s - p_t)
-            div = kl
-            torch.exp(ls, out=zs).sub_(pt)
-            k = tau
-        elif kind == "reverse_kl":                      # g = tau p_s (r - div)
-            r, ps = torch.sub(ls, lt, out=zt), torch.exp(ls, out=zs)  # r = log p_s - log p_t
-            div = _rowdot(ps, r, l2)                    # KL(p_s || p_t)
-            ps.mul_(r.sub_(div))
-            k = tau
-        else:  # jsd; log M = log(1-beta) + logaddexp(log p_t + log(beta/(1-beta)), log p_s)
-            lm = torch.add(lt, math.log(beta) - math.log1p(-beta), out=zs)
-            torch.logaddexp(lm, ls, out=lm).add_(math.log1p(-beta))
-            kl_tm = _rowdot(pt, lt.sub_(lm), lt)        # KL(p_t || M)
-            r, ps = torch.sub(ls, lm, out=zs), torch.exp(ls, out=zt)  # r = log p_s - log M
-            kl_sm = _rowdot(ps, r, l2)                  # KL(p_s || M)
-            div = beta * kl_tm + (1 - beta) * kl_sm
-            r.sub_(kl_sm).mul_(ps)                      # g = tau (1-beta) p_s (r - kl_sm)
-            k = tau * (1 - beta)
+        if kind == "forward_kl":                             # g = tau (p_s - p_t)
+            div, k = kl, tau
+            torch.exp(log_ps, out=zs).sub_(p_t)              # zs: p_s - p_t
+        elif kind == "reverse_kl":                           # g = tau p_s (r - div)
+            r = torch.sub(log_ps, log_pt, out=zt)            # zt: r = log p_s - log p_t
+            p_s = torch.exp(log_ps, out=zs)                  # zs: p_s
+            div, k = _rowdot(p_s, r, b), tau                 # KL(p_s || p_t); b: free
+            p_s.mul_(r.sub_(div))                            # zs: p_s (r - div)
+        else:  # jsd: log M = log(1 - beta) + logaddexp(log p_t + log(beta / (1 - beta)), log p_s)
+            log_m = torch.add(log_pt, math.log(beta) - math.log1p(-beta), out=zs)
+            torch.logaddexp(log_m, log_ps, out=log_m).add_(math.log1p(-beta))  # zs: log M
+            kl_tm = _rowdot(p_t, log_pt.sub_(log_m), b)      # KL(p_t || M); b: free
+            r = torch.sub(log_ps, log_m, out=zs)             # zs: r = log p_s - log M
+            p_s = torch.exp(log_ps, out=zt)                  # zt: p_s
+            kl_sm = _rowdot(p_s, r, b)                       # KL(p_s || M); b: free
+            div, k = beta * kl_tm + (1 - beta) * kl_sm, tau * (1 - beta)
+            r.sub_(kl_sm).mul_(p_s)                          # zs: p_s (r - kl_sm)
         kl, div = kl.sum(), div.sum()
-        lq = ls if tau == 1 else torch.log_softmax(torch.mul(ls, tau, out=zt), -1, out=l2)
-    ce = -lq.gather(1, y)                               # [C, 1]
-    if need_grad:  # zs = dz = alpha * g + (1 - alpha) * (softmax(z_s) - onehot(y)), with g = k * zs
-        q = lq.exp_()
+        # CE's log softmax(z_s) = log softmax(tau * log p_s) (softmax ignores a shift): no buffer kept it
+        log_q = log_ps if tau == 1 else torch.log_softmax(torch.mul(log_ps, tau, out=zt), -1, out=b)  # b
+    ce = -log_q.gather(1, y)                                 # [C, 1]
+    if need_grad:  # zs = dL/dz_s = alpha * k * (g / k) + (1 - alpha) * (softmax(z_s) - onehot(y))
+        q = log_q.exp_()                                     # softmax(z_s), in log_q's buffer
         if alpha == 0:
             zs.copy_(q)
         else:
@@ -592,26 +535,24 @@ class _KDLossFn(torch.autograd.Function):
         wt = w_t[:vocab].float() if w_t is not None else None     # [vocab, D_t], no grad
         n, dev, f32 = idx.numel(), hs.device, torch.float32
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if need_h else None
-        grad_w = (torch.empty if n else torch.zeros)(w_s.shape, dtype=f32, device=dev) if need_w else None
-        if need_w:  # the first chunk's addmm_ (beta=0) writes rows :vocab; padding rows get no gradient
-            grad_w[vocab:].zero_()
+        grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if need_w else None  # padding rows stay 0
         sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
         # four [C, vocab] buffers, allocated once per call: a fresh one per chunk costs page faults
         C = min(chunk_size, n)
-        zs_buf = torch.empty(C, vocab, dtype=f32, device=dev)
+        zs_buf, a_buf, b_buf = torch.empty(3, C, vocab, dtype=f32, device=dev).unbind()
         zt_buf = torch.empty(C, vocab, dtype=f32, device=dev) if ht is not None else None
-        scratch = torch.empty(2, C, vocab, dtype=f32, device=dev)
         for i in range(0, n, chunk_size):
             ix = idx[i:i + chunk_size]
-            h_c, y_c = hs[ix].float(), y[ix, None]                 # [C, D_s], [C, 1]
-            zs = _logits(h_c, ws, zs_buf[:len(ix)], scratch)       # [C, vocab]
-            zt = None if ht is None else _logits(ht[ix].float().div_(tau), wt, zt_buf[:len(ix)], scratch)
-            sums += _kd_chunk(zs, zt, y_c, scratch, alpha, tau, kind, beta, need_h or need_w)  # zt: z_t / tau
+            c = len(ix)
+            h_c, y_c = hs[ix].float(), y[ix, None]                 # [c, D_s], [c, 1]
+            zs = torch.mm(h_c, ws.T, out=zs_buf[:c])               # [c, vocab] student logits
+            zt = None if ht is None else torch.mm(ht[ix].float().div_(tau), wt.T, out=zt_buf[:c])  # z_t / tau
+            sums += _kd_chunk(zs, zt, y_c, a_buf[:c], b_buf[:c], alpha, tau, kind, beta, need_h or need_w)
             if need_h:                                             # zs now holds dL/dz_s
                 grad_h.index_copy_(0, ix, zs @ ws)
             if need_w:
-                grad_w[:vocab].addmm_(zs.T, h_c, beta=float(i > 0))
-        del zs_buf, zt_buf, scratch
+                grad_w[:vocab].addmm_(zs.T, h_c)
+        del zs_buf, a_buf, b_buf, zt_buf
         n_t = torch.tensor(float(n), device=dev)
         N = n_t.clamp(min=1) if norm is None else norm.clamp(min=1e-12)  # 0 tokens: loss 0, no NaN
         ce, kl, div, top1 = (sums / N).unbind()

@@ -122,11 +122,11 @@ def load_t2s():
     return opencc.OpenCC("t2s").convert
 
 def load_tokenizer(name):
-    if name.startswith((".", "/", "~")) and not os.path.isdir(name):
-        die(f"--tokenizer={name}: no such directory")
     from transformers import AutoTokenizer
+
+    from model import TOKENIZER_FILES, resolve_pretrained
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(resolve_pretrained(name, TOKENIZER_FILES))
     except Exception as e:
         die(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, point "
             f"--tokenizer at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))")
@@ -141,8 +141,9 @@ def load_tokenizer(name):
 # tokens out
 
 def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=None, max_docs=None,
-            batch_size=1000, source="", options=None, progress=True):
-    """Tokenize an iterable of documents into out_dir/{train.bin, val.bin, meta.json}; returns meta."""
+            batch_size=1000, source="", options=None, progress=True, tokenizer=None):
+    """Tokenize an iterable of documents into out_dir/{train.bin, val.bin, meta.json}; returns meta.
+    tokenizer: what meta.json records (a hub id or a directory; default tok.name_or_path)."""
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     backend = tok.backend_tokenizer  # Rust: encode_batch runs on all cores
     backend.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text (sticks to tok)
@@ -194,7 +195,7 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
         write(ids, splits)
         for f in files.values():
             f.close()
-        name = tok.name_or_path  # a local directory is stored absolute: distill.py may run from elsewhere
+        name = tokenizer or tok.name_or_path  # a local directory is stored absolute: distill.py may run elsewhere
         name = os.path.abspath(name) if os.path.isdir(name) else name
         meta = dict(version=VERSION, tokenizer=name, vocab_size=len(tok), eos_id=eos_id,
                     dtype=np.dtype(dtype).name, **n, source=source, options=dict(val_fraction=val_fraction,
@@ -263,7 +264,8 @@ def main(argv=None):
     max_bytes = args.max_bytes or (None if paths else int(50e6))
     meta = prepare(itertools.chain([first], docs), tok, eos_id, args.out_dir, args.val_fraction, args.seed,
                    max_bytes, args.max_docs, args.batch_size, source=paths or " ".join(WIKI),
-                   options=dict(t2s=args.t2s, min_chars=args.min_chars, text_field=args.text_field))
+                   options=dict(t2s=args.t2s, min_chars=args.min_chars, text_field=args.text_field),
+                   tokenizer=args.tokenizer)
     print(f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs), {meta['dtype']}, "
           f"{meta['text_bytes'] / 1e6:.1f} MB of text")

@@ -13,7 +13,7 @@ import time
 import torch
 
 from configurator import configure
-from model import ModelConfig, Transformer
+from model import DTYPES, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, resolve_pretrained
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # a distill.py out_dir (its ckpt.pt), a Hugging Face directory, or a hub id
@@ -25,7 +25,7 @@ top_k = 200  # keep only the k most likely tokens (None: all)
 top_p = None  # nucleus sampling: keep the most likely tokens up to this mass (None: all)
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 where supported, else float16
+dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -35,20 +35,14 @@ def load(init_from, device, dtype):
     ckpt_path = os.path.join(init_from, "ckpt.pt")
     if os.path.exists(ckpt_path):  # a distill.py run, mid-training or finished
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        with torch.device("meta"):
-            model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
-        model.load_state_dict(ckpt["model"], assign=True)
-        if model.config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_rope(torch.device("cpu"))
+        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
         hf_dir = os.path.join(init_from, "hf")
         tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt["tokenizer"]
-        return model.to(device=device, dtype=dtype).eval(), tokenizer
+        return model.to(device=device, dtype=dtype), tokenizer
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
         raise FileNotFoundError(f"{init_from} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
                                 f"(a Hugging Face model directory)")
-    from model import resolve_pretrained
-    path = resolve_pretrained(init_from)  # downloads a hub id once, so the tokenizer comes from the same place
+    path = resolve_pretrained(init_from)  # a hub id is downloaded once; its tokenizer comes from the same place
     return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
 
 
@@ -56,15 +50,12 @@ def main():
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if dtype == "auto":
-        dt = torch.float32 if device == "cpu" else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    elif dt is None:
+    if dtype != "auto" and dtype not in DTYPES:
         raise SystemExit(f"sample.py: error: dtype={dtype!r}; use float32, bfloat16, float16 or auto")
+    dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
     try:
         model, tok_path = load(init_from, device, dt)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(tok_path, TOKENIZER_FILES))
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"sample.py: error: {e}".splitlines()[0])
     prompt = start

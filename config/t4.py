@@ -1,4 +1,4 @@
-# The design's run: one T4 (Colab, 15 GB, sm75: float16 but no bfloat16, no flash attention, no Triton).
+# The standard run: one T4 (Colab, 15 GB, sm75: float16 but no bfloat16, no flash attention, no Triton).
 #   python prepare.py && python distill.py config/t4.py
 # 8 batch * 512 block * 1 accum = 4,096 tokens per step. ~50 MB of zh Wikipedia is ~12M tokens,
 # ~2,900 steps per epoch; 3 epochs ~8,800 steps (max_iters=0 derives it from the data).
@@ -6,7 +6,7 @@ data_dir = "data/wiki_zh"
 out_dir = "out"
 teacher = "Qwen/Qwen2.5-0.5B"
 teacher_dtype = "float16"  # frozen, forward only: 1 GB of weights; fused SDPA keeps fp16 attention finite
-dtype = "float32"  # the student trains in float32 (the design); float16 + GradScaler is the faster option
+dtype = "float32"  # the student trains in float32; float16 + GradScaler is the faster option
 compile = False  # Triton no longer supports sm75
 batch_size = 8
 block_size = 512

@@ -10,7 +10,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(1, os.path.join(REPO, "experiments"))
 
 CORPUS = [
     "维基百科是一个自由内容、公开编辑且多语言的网络百科全书协作计划。",
@@ -23,10 +22,19 @@ CORPUS = [
 
 
 def make_tokenizer(out_dir, texts=CORPUS, vocab_size=300):
-    """A byte-level BPE trained on texts, saved as a transformers tokenizer with <|endoftext|> (id 0) as EOS."""
-    from kd_vs_ce import train_tokenizer  # the experiment's: the same tokenizer a user trains for CPU runs
+    """A byte-level BPE trained on texts (lossless, like Qwen's), saved as a transformers tokenizer directory
+    with <|endoftext|> (id 0) as EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    return train_tokenizer(texts, str(out_dir), vocab_size)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out_dir))
+    return str(out_dir)
 
 
 def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):

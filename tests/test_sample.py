@@ -46,7 +46,7 @@ def test_prompt_from_file(model_dir, tmp_path):
 
 
 def test_bad_input_is_one_clear_line(tmp_path, model_dir):
-    for args, msg in [([f"--init_from={tmp_path / 'none'}"], "no model directory"),
+    for args, msg in [([f"--init_from={tmp_path / 'none'}"], "no directory"),
                       ([f"--init_from={tmp_path}"], "neither ckpt.pt"),
                       ([f"--init_from={model_dir}", "--temprature=0"], "did you mean 'temperature'"),
                       ([f"--init_from={model_dir}", "--start=FILE:/no/such/file"], "cannot read the prompt")]:
