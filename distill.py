@@ -41,7 +41,7 @@ from model import DTYPES, KD_KINDS, TOKENIZER_FILES, ModelConfig, Transformer, a
 # I/O
 data_dir = "data/wiki_zh"  # prepare.py's output: train.bin, val.bin, meta.json
 out_dir = "out"  # ckpt.pt, log.jsonl, hf/
-init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+init_from = "scratch"  # scratch | prune (cut out of the teacher: prune.py) | resume (from out_dir/ckpt.pt)
 eval_interval = 500  # evaluate and checkpoint every this many iterations, and at the end
 eval_iters = 20  # validation batches per eval: a fixed set of eval_iters * batch_size windows of val.bin
 log_interval = 10  # a train row (printed and in log.jsonl) every this many iterations
@@ -56,6 +56,8 @@ temperature = 2.0  # softens both distributions in the KD term, which is scaled 
 kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (model.py explains each)
 kd_beta = 0.5  # jsd only: the mixture weight
 kd_chunk_size = 128  # tokens per chunk of the fused loss, which holds a few (chunk, V) float32 buffers (78 MB each)
+prune_windows = 256  # init_from=prune: windows of train.bin on which the teacher's activations rank its pieces
+prune_layers = "importance"  # init_from=prune: the layers kept: importance (1 - cos(input, output)) | even
 # student: its vocabulary, rope_theta and rms_norm_eps are the teacher's; head_dim = n_embd // n_head
 n_layer = 12
 n_head = 8
@@ -130,8 +132,12 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
-if init_from not in ("scratch", "resume"):
-    die(f"init_from={init_from!r}: use scratch or resume")
+if init_from not in ("scratch", "prune", "resume"):
+    die(f"init_from={init_from!r}: use scratch, prune or resume")
+if init_from == "prune" and teacher is None:
+    die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
+if prune_layers not in ("importance", "even") or prune_windows < 1:
+    die(f"prune_layers={prune_layers!r}, prune_windows={prune_windows}: use importance or even, and >= 1 window")
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
 for key, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
@@ -253,7 +259,33 @@ if block_size > model_args["max_seq_len"]:
     die(f"block_size {block_size} exceeds the student's max_seq_len {model_args['max_seq_len']}")
 if model_args["vocab_size"] < vocab_size:
     die(f"the student's vocabulary ({model_args['vocab_size']} rows) is smaller than the tokenizer's ({vocab_size})")
-raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 weights (master weights under autocast)
+
+
+def cut_from_teacher(cfg):
+    """init_from=prune: the teacher runs over a seeded sample of train windows (each process its share, the sums
+    all-reduced); the student keeps its most important pieces, with the teacher's weights (prune.py)."""
+    from prune import importance, prune, select
+
+    t0 = time.time()
+    windows = np.random.default_rng(seed).permutation(n_train)[:prune_windows][rank::world_size]
+    sums = importance(teacher_model, (load_windows("train", windows[i:i + batch_size])[0]
+                                      for i in range(0, len(windows), batch_size)))
+    if ddp:
+        for v in sums.values():
+            dist.all_reduce(v)
+    keep = select(sums, teacher_model.config, cfg, prune_layers)
+    print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s ({min(prune_windows, n_train)} "
+           f"windows): layers {keep['layers'].tolist()} of {teacher_model.config.n_layer}")
+    return prune(teacher_model, cfg, keep, sums).train()
+
+
+if init_from == "prune":
+    from prune import check
+    if problem := check(teacher_model.config, ModelConfig(**model_args)):
+        die(f"init_from=prune: {problem}")
+    raw_model = cut_from_teacher(ModelConfig(**model_args))
+else:
+    raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 (master weights under autocast)
 if init_from == "resume":
     raw_model.load_state_dict(ckpt["model"])
 raw_model.to(device)

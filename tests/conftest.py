@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny BPE tokenizer and a tiny random Qwen2 checkpoint, made here, offline."""
 
+import json
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
@@ -62,3 +65,52 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir):
     return make_model_dir(tmp_path_factory.mktemp("model"), tokenizer_dir)
+
+
+# -----------------------------------------------------------------------------
+# distill.py as a user runs it
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",  # a tiny student
+        "--block_size=64", "--batch_size=4", "--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10",
+        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--dtype=float32", "--teacher_dtype=float32",
+        "--compile=False", "--seed=1"]
+
+
+def run(*args, ddp=False, timeout=300):
+    """distill.py with these arguments, in a subprocess, from outside the repository (two processes with ddp)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else \
+        [sys.executable]
+    return subprocess.run(launch + [os.path.join(REPO, "distill.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=os.path.dirname(REPO), timeout=timeout)
+
+
+def read_log(out_dir):
+    """A run's log.jsonl: (train rows, eval rows)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_ce" in r]
+
+
+def write_data(d, tokenizer_dir, dtype, n_train=30_000, n_val=3_000):
+    """train.bin / val.bin / meta.json as prepare.py writes them: the corpus' sentences, each + EOS, shuffled."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in CORPUS]
+    rng = np.random.default_rng(0)
+    os.makedirs(d, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = []
+        while len(ids) < n:
+            ids += docs[rng.integers(len(docs))]
+        np.array(ids[:n], dtype=dtype).tofile(os.path.join(d, f"{split}.bin"))
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump({"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "eos_id": tok.eos_token_id,
+                   "tokenizer": tokenizer_dir}, f)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, tokenizer_dir):
+    return write_data(tmp_path_factory.mktemp("data32"), tokenizer_dir, np.uint32)  # Qwen's dtype

@@ -15,52 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CORPUS, REPO, make_model_dir
+from conftest import REPO, TINY, make_model_dir, read_log, run, write_data
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
-               "--block_size=64", "--batch_size=4", "--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10",
-               "--eval_iters=2", "--log_interval=1", "--device=cpu", "--dtype=float32", "--teacher_dtype=float32",
-               "--compile=False", "--seed=1"]
 LEARN = ["--alpha=0.9", "--learning_rate=3e-3", "--warmup_iters=5"]
 TIMING = ("tokens_per_sec", "peak_mem_gb", "mfu")
-
-
-def run(*args, ddp=False, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else \
-        [sys.executable]
-    return subprocess.run(launch + [os.path.join(REPO, "distill.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=os.path.dirname(REPO), timeout=timeout)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_ce" in r]
-
-
-def write_data(d, tokenizer_dir, dtype, n_train=30_000, n_val=3_000):
-    """train.bin / val.bin / meta.json as prepare.py writes them: the corpus' sentences, each + EOS, shuffled."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    docs = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in CORPUS]
-    rng = np.random.default_rng(0)
-    os.makedirs(d, exist_ok=True)
-    for split, n in (("train", n_train), ("val", n_val)):
-        ids = []
-        while len(ids) < n:
-            ids += docs[rng.integers(len(docs))]
-        np.array(ids[:n], dtype=dtype).tofile(os.path.join(d, f"{split}.bin"))
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump({"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "eos_id": tok.eos_token_id,
-                   "tokenizer": tokenizer_dir}, f)
-    return str(d)
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory, tokenizer_dir):
-    return write_data(tmp_path_factory.mktemp("data32"), tokenizer_dir, np.uint32)  # Qwen's dtype
 
 
 @pytest.fixture(scope="session")
@@ -258,6 +216,16 @@ ERRORS = {  # extra settings -> the one line that must say what is wrong
     "no teacher": (["--teacher={missing}"], "cannot load the teacher: no directory"),
     "config file t4": (["config/t4.py", "--data_dir={missing}"], "run prepare.py first"),  # found from elsewhere
     "config file a100": (["config/a100.py", "--data_dir={missing}"], "run prepare.py first"),
+    # init_from=prune: the teacher (conftest's) has 4 heads of 8 in 2 groups, 32 channels, 48 neurons, 2 layers
+    "prune head_dim": (["--init_from=prune"], "the student's head_dim 16 (n_embd / n_head) differs from the teacher's 8"),
+    "prune wider": (["--init_from=prune", "--n_head=4", "--n_kv_head=2"], "intermediate_size 64 exceeds the "
+                                                                          "teacher's 48: pruning can only remove"),
+    "prune deeper": (["--init_from=prune", "--n_head=4", "--intermediate_size=48", "--n_layer=3"],
+                     "the student's n_layer 3 exceeds the teacher's 2"),
+    "prune groups": (["--init_from=prune", "--n_head=4", "--intermediate_size=48"],
+                     "the student has 4 query heads per K/V head, the teacher 2"),
+    "prune no teacher": (["--init_from=prune", "--teacher=None"], "init_from=prune cuts the student out of the "
+                                                                  "teacher, and teacher is None"),
 }
 
 

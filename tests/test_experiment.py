@@ -19,11 +19,15 @@ def test_kd_vs_ce_tiny(tmp_path):
                         f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| distilled (alpha 0.5) |" in r.stdout and "| CE only (alpha 0) |" in r.stdout
+    for label in ("| distilled (alpha 0.5) |", "| CE only (alpha 0) |", "| pruned, then distilled (lr 0.003) |"):
+        assert label in r.stdout, r.stdout
     res = json.loads((out / "results.json").read_text())
-    assert res["teacher_val_ce"] > 0
-    for name in ("kd", "ce"):
-        (row,) = res[name]
-        assert row["iter"] == 8 and row["val_ce"] > 0 and 0 <= row["val_top1"] <= 1 and row["val_kl"] >= 0
+    assert res["teacher_val_ce"] > 0 and set(res["arms"]) == {"kd", "ce", "prune"}
+    for name in ("kd", "ce", "prune"):
+        rows = res["evals"][f"{name}_seed1"]
+        assert [row["iter"] for row in rows] == [0, 4, 8]
+        assert rows[-1]["val_ce"] > 0 and 0 <= rows[-1]["val_top1"] <= 1 and rows[-1]["val_kl"] >= 0
+    # the pruned student starts from the teacher's weights: closer to it than a random start
+    assert res["evals"]["prune_seed1"][0]["val_kl"] < res["evals"]["kd_seed1"][0]["val_kl"]
     assert (out / "teacher" / "hf" / "model.safetensors").exists()
     assert (out / "results.md").read_text().startswith("teacher val CE")
