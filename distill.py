@@ -58,6 +58,7 @@ kd_beta = 0.5  # jsd only: the mixture weight
 kd_chunk_size = 128  # tokens per chunk of the fused loss, which holds a few (chunk, V) float32 buffers (78 MB each)
 prune_windows = 256  # init_from=prune: windows of train.bin on which the teacher's activations rank its pieces
 prune_layers = "importance"  # init_from=prune: the layers kept: importance (1 - cos(input, output)) | even
+prune_width = "importance"  # init_from=prune: the channels, heads, neurons kept: importance | even
 # student: its vocabulary, rope_theta and rms_norm_eps are the teacher's; head_dim = n_embd // n_head
 n_layer = 12
 n_head = 8
@@ -136,8 +137,9 @@ if init_from not in ("scratch", "prune", "resume"):
     die(f"init_from={init_from!r}: use scratch, prune or resume")
 if init_from == "prune" and teacher is None:
     die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
-if prune_layers not in ("importance", "even") or prune_windows < 1:
-    die(f"prune_layers={prune_layers!r}, prune_windows={prune_windows}: use importance or even, and >= 1 window")
+if {prune_layers, prune_width} - {"importance", "even"} or prune_windows < 1:
+    die(f"prune_layers={prune_layers!r}, prune_width={prune_width!r}, prune_windows={prune_windows}: use importance "
+        f"or even, and >= 1 window")
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
 for key, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
@@ -273,7 +275,7 @@ def cut_from_teacher(cfg):
     if ddp:
         for v in sums.values():
             dist.all_reduce(v)
-    keep = select(sums, teacher_model.config, cfg, prune_layers)
+    keep = select(sums, teacher_model.config, cfg, prune_layers, prune_width)
     print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s ({min(prune_windows, n_train)} "
            f"windows): layers {keep['layers'].tolist()} of {teacher_model.config.n_layer}")
     return prune(teacher_model, cfg, keep, sums).train()

@@ -1,19 +1,24 @@
 """
-Does distillation beat plain training at equal steps? A small answer that anyone can reproduce on a CPU.
+Does distillation beat plain training at equal steps, and does a student cut out of the teacher (init_from=prune)
+beat a random start? A small answer that anyone can reproduce on a CPU.
 
-    python experiments/kd_vs_ce.py                      # data/zh_wiki_sample.jsonl, 3 seeds
-    python experiments/kd_vs_ce.py --corpus=my.jsonl --out=out/kd_vs_ce --seeds 1 2 3
+    python experiments/kd_vs_ce.py                      # data/zh_wiki_sample.jsonl, 3 seeds, the arms kd ce prune
+    python experiments/kd_vs_ce.py --arms kd prune prune:learning_rate=5e-4 --seeds 1 2 3 --jobs 2
     python experiments/kd_vs_ce.py --size=tiny          # a one-minute smoke run (the test suite runs it)
 
 1. A byte-level BPE tokenizer trained on the corpus (a CPU-sized vocabulary), then prepare.py with it.
 2. A teacher trained as a plain language model (distill.py --teacher=None), exported to OUT/teacher/hf.
-3. Per seed, one student distilled from it (alpha 0.5, T 2.0) and the same student trained on CE only (alpha 0:
-   the teacher is still loaded, so val_kl and val_top1 are measured, but it adds nothing to the loss): same
-   data, steps and seed.
-4. A table of the last eval: teacher val CE; for both students val CE, perplexity, KL to the teacher and top-1
-   agreement, mean ± standard deviation over the seeds. Also written to OUT/results.md; plot.py draws the runs.
+3. Per seed, the same student trained in each arm, with the same data, steps and seed:
+   kd     distilled from the teacher (alpha 0.5, T 2.0), from a random start;
+   ce     CE only (alpha 0: the teacher is still loaded, so val_kl and val_top1 are measured, but adds nothing);
+   prune  distilled as kd, starting from the teacher's pruned weights (init_from=prune), at its own learning rate.
+   An arm NAME:key=value,key=value adds distill.py settings to arm NAME (its own runs and row): prune:prune_layers=even.
+4. A table of the last eval, mean ± standard deviation over the seeds: val CE at step 0 and at the end,
+   perplexity, KL to the teacher, top-1 agreement, and the steps each arm took to reach the kd arm's final val CE
+   (seed by seed). Also written to OUT/results.md and OUT/results.json; plot.py draws the runs.
 
-Each step runs the project's own scripts as a user would; their output goes to OUT/*.log.
+Each step runs the project's own scripts as a user would; their output goes to OUT/*.log. OUT keeps the tokenizer,
+the data and the teacher: a rerun reuses them (delete them to rebuild) and retrains every student it is asked for.
 """
 
 import argparse
@@ -23,29 +28,39 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# (tokenizer vocabulary, teacher shape and steps, student shape and steps, shared training settings)
+# (tokenizer vocabulary, teacher shape and steps, student shape and steps, shared training settings). The student is
+# prunable from the teacher: the same head_dim (64), fewer of everything.
 SIZES = {
     "full": dict(
         vocab=4096,
         teacher=dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=768, max_iters=1200),
         student=dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=128, intermediate_size=384, max_iters=600),
         train=dict(block_size=128, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_iters=50,
-                   eval_interval=100, eval_iters=20),
+                   eval_interval=50, eval_iters=20, prune_windows=512),
     ),
     "tiny": dict(
         vocab=300,
-        teacher=dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, max_iters=12),
-        student=dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, intermediate_size=32, max_iters=8),
+        teacher=dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, max_iters=12),
+        student=dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=16, intermediate_size=32, max_iters=8),
         train=dict(block_size=32, batch_size=4, learning_rate=3e-3, min_lr=1e-4, warmup_iters=2,
-                   eval_interval=4, eval_iters=2),
+                   eval_interval=4, eval_iters=2, prune_windows=8),
     ),
 }
+PRUNE_LR = {"full": 2e-3, "tiny": 3e-3}  # the pruned start's learning rate (chosen by a sweep, see the README)
 METRICS = [("val_ce", "val CE"), ("val_ppl", "val ppl"), ("val_kl", "val KL to teacher"),
            ("val_top1", "top-1 agreement")]
+
+
+def arms(alpha, prune_lr):
+    return {"kd": (f"distilled (alpha {alpha})", dict(alpha=alpha)),
+            "ce": ("CE only (alpha 0)", dict(alpha=0.0)),
+            "prune": (f"pruned, then distilled (lr {prune_lr:g})",
+                      dict(alpha=alpha, init_from="prune", learning_rate=prune_lr))}
 
 
 def train_tokenizer(texts, out_dir, vocab_size):
@@ -64,11 +79,13 @@ def train_tokenizer(texts, out_dir, vocab_size):
     return out_dir
 
 
-def run(script, args, log_path):
+def run(script, args, log_path, threads=None):
     """Runs one of the project's scripts; its output goes to log_path. Stops the experiment if it fails."""
     t0 = time.time()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(log_path, "w") as log:
-        r = subprocess.run([sys.executable, os.path.join(REPO, script), *args], stdout=log, stderr=subprocess.STDOUT)
+        r = subprocess.run([sys.executable, os.path.join(REPO, script), *args], stdout=log, stderr=subprocess.STDOUT,
+                           env=env)
     if r.returncode != 0:
         with open(log_path) as f:
             tail = f.read().strip().splitlines()[-1:]
@@ -80,11 +97,9 @@ def flags(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
-def last_eval(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    evals = [r for r in rows if "val_ce" in r]
-    teacher_ce = next((r["teacher_val_ce"] for r in evals if r.get("teacher_val_ce") is not None), None)
-    return evals[-1], teacher_ce
+def evals(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "val_ce" in r]
 
 
 def mean_sd(values, digits=3):
@@ -98,11 +113,23 @@ def main():
                    help=".jsonl/.txt/.parquet text (default: data/zh_wiki_sample.jsonl, shipped with the repository)")
     p.add_argument("--out", default="out/kd_vs_ce", help="where everything goes")
     p.add_argument("--size", choices=SIZES, default="full")
+    p.add_argument("--arms", nargs="+", default=["kd", "ce", "prune"], help="kd, ce, prune, or NAME:key=value,...")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--alpha", type=float, default=0.5, help="the distilled students' alpha")
     p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--prune_lr", type=float, help="the pruned start's learning rate (default: the size's)")
+    p.add_argument("--jobs", type=int, default=1, help="students trained at once (each on cores / jobs threads)")
     args = p.parse_args()
     size = SIZES[args.size]
+    known = arms(args.alpha, args.prune_lr or PRUNE_LR[args.size])
+    specs = {}
+    for spec in args.arms:
+        name, _, extra = spec.partition(":")
+        if name not in known:
+            raise SystemExit(f"kd_vs_ce.py: error: unknown arm {name!r}; one of {', '.join(known)}")
+        label, settings = known[name]
+        settings = dict(settings, **dict(kv.split("=", 1) for kv in extra.split(",") if kv))
+        specs[spec.replace(":", "_").replace(",", "_")] = (label + (f", {extra}" if extra else ""), settings)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     from prepare import find_files, read_files
@@ -112,44 +139,63 @@ def main():
     print(f"kd_vs_ce ({args.size}): {args.corpus} -> {out}", flush=True)
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         train_tokenizer(read_files(find_files([args.corpus]), "text"), tok_dir, size["vocab"])
-    run("prepare.py", [f"--input={args.corpus}", f"--tokenizer={tok_dir}", f"--out_dir={data_dir}", "--force"],
-        os.path.join(out, "prepare.log"))
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        run("prepare.py", [f"--input={args.corpus}", f"--tokenizer={tok_dir}", f"--out_dir={data_dir}"],
+            os.path.join(out, "prepare.log"))
     common = ["--device=cpu", "--dtype=float32", "--teacher_dtype=float32", "--log_interval=10",
               f"--data_dir={data_dir}", *flags(size["train"])]
 
     # 2. the teacher, a plain language model
     teacher_dir = os.path.join(out, "teacher")
-    run("distill.py", common + ["--teacher=None", f"--out_dir={teacher_dir}", "--seed=0",
-                                *flags(size["teacher"])], teacher_dir + ".log")
+    if os.path.exists(os.path.join(teacher_dir, "hf", "model.safetensors")):
+        print(f"  teacher: reusing {teacher_dir}", flush=True)
+    else:
+        run("distill.py", common + ["--teacher=None", f"--out_dir={teacher_dir}", "--seed=0",
+                                    *flags(size["teacher"])], teacher_dir + ".log")
 
-    # 3. the students: distilled and CE-only, seed by seed
-    results = {"kd": [], "ce": []}
-    teacher_ce = None
-    for seed in args.seeds:
-        for name, alpha in (("kd", args.alpha), ("ce", 0.0)):
-            run_dir = os.path.join(out, f"{name}_seed{seed}")
-            run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
-                                        f"--alpha={alpha}", f"--temperature={args.temperature}",
-                                        *flags(size["student"])], run_dir + ".log")
-            row, tce = last_eval(run_dir)
-            results[name].append(row)
-            teacher_ce = tce if tce is not None else teacher_ce
+    # 3. the students: every arm, seed by seed, args.jobs at a time
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def student(job):
+        name, seed = job
+        run_dir = os.path.join(out, f"{name}_seed{seed}")
+        run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
+                                    f"--temperature={args.temperature}", *flags(size["student"]),
+                                    *flags(specs[name][1])], run_dir + ".log", threads)
+        return evals(run_dir)
+
+    jobs = [(name, seed) for seed in args.seeds for name in specs]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        curves = dict(zip(jobs, pool.map(student, jobs)))
+    teacher_ce = next(rows[0]["teacher_val_ce"] for rows in curves.values())
 
     # 4. the table
+    def reached(name, seed):  # the first eval at or below the kd student's final val CE (same seed)
+        goal = curves[("kd", seed)][-1]["val_ce"]
+        return next((r["iter"] for r in curves[(name, seed)] if r["val_ce"] <= goal), None)
+
+    header = ["student", "val CE at step 0"] + [title for _, title in METRICS]
+    if "kd" in specs:
+        header.append("steps to kd's final val CE")
     lines = [f"teacher val CE: {teacher_ce:.3f} (ppl {2.718281828 ** teacher_ce:.1f}); "
              f"{len(args.seeds)} seed(s) {args.seeds}, {size['student']['max_iters']} steps each, "
              f"alpha {args.alpha}, T {args.temperature}", "",
-             "| student | " + " | ".join(title for _, title in METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
-    for name, label in (("kd", f"distilled (alpha {args.alpha})"), ("ce", "CE only (alpha 0)")):
-        lines.append(f"| {label} | " + " | ".join(mean_sd([r[k] for r in results[name]], 1 if k == "val_ppl" else 3)
-                                            for k, _ in METRICS) + " |")
+             "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    for name, (label, _) in specs.items():
+        runs = [curves[(name, s)] for s in args.seeds]
+        cells = [label, mean_sd([r[0]["val_ce"] for r in runs])]
+        cells += [mean_sd([r[-1][k] for r in runs], 1 if k == "val_ppl" else 3) for k, _ in METRICS]
+        if "kd" in specs:
+            cells.append(", ".join(str(reached(name, s)) if reached(name, s) is not None else "-" for s in args.seeds))
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"teacher_val_ce": teacher_ce, **results}, f, indent=1)
+        json.dump({"teacher_val_ce": teacher_ce, "arms": {name: {"label": label, "settings": settings}
+                                                          for name, (label, settings) in specs.items()},
+                   "evals": {f"{name}_seed{seed}": rows for (name, seed), rows in curves.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":
