@@ -1,10 +1,10 @@
 """
-The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the student alike.
+The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the student alike; Qwen3 teachers too.
 
-- ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2 config.json.
+- ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2/Qwen3 config.json.
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
   model(idx) gives the final hidden states; model.lm_head(h) the logits.
-- from_pretrained / save_pretrained: read and write Hugging Face Qwen2 checkpoints (safetensors).
+- from_pretrained / save_pretrained: read and write Hugging Face Qwen2/Qwen3 checkpoints (safetensors).
 - generate: sampling with a KV cache.
 - distill_loss: the fused, chunked distillation loss (it never holds [B, T, V] logits).
 
@@ -36,6 +36,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     max_seq_len: int = 512
+    # what sets Qwen3 apart from Qwen2 (the defaults), read from config.json by config_from_hf
+    qkv_bias: bool = True  # Qwen2 always biases q/k/v; Qwen3 biases q/k/v/o only with attention_bias
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim of each head's q and k, before RoPE
+    model_type: str = "qwen2"  # what save_pretrained writes: "qwen2" or "qwen3"
 
 
 CONFIGS = {
@@ -92,17 +97,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=True)  # Qwen2: q/k/v biased
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.o_bias)
+        # Qwen3: one (head_dim,) weight each, shared by all heads; Identity (no parameters) otherwise
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, nkv, pos + T, hs)
         # a prefill (from position 0) is causal; one new token attends to everything cached
@@ -273,15 +281,16 @@ class Transformer(nn.Module):
     # Hugging Face checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True):
-        """A local Hugging Face Qwen2 directory or a hub id such as "Qwen/Qwen2.5-0.5B"."""
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True, max_seq_len=None):
+        """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B". max_seq_len, the
+        longest sequence it will run, caps max_position_embeddings (smaller RoPE tables, fewer refusals)."""
         from safetensors.torch import load_file
 
         path = resolve_pretrained(path)
         if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
         with open(os.path.join(path, "config.json")) as f:
-            config = config_from_hf(json.load(f), path)
+            config = config_from_hf(json.load(f), path, max_seq_len)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):  # sharded
             with open(index) as f:
@@ -312,7 +321,7 @@ class Transformer(nn.Module):
             sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # a tied export may carry a copy
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
-            raise ValueError(f"{where}: the weights do not match a Qwen2 model of its config: "
+            raise ValueError(f"{where}: the weights do not match a model of its config: "
                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
         model.load_state_dict(sd, strict=False, assign=True)
@@ -328,9 +337,16 @@ class Transformer(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         cfg = self.config
+        qwen3 = cfg.model_type == "qwen3"
+        # the only layouts transformers knows; it would load any other with weights dropped or randomly filled
+        fits = {"qwen2": cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm,
+                "qwen3": cfg.qk_norm and cfg.qkv_bias == cfg.o_bias}.get(cfg.model_type)
+        if not fits:
+            raise ValueError(f"model_type {cfg.model_type!r} has no Hugging Face layout with qk_norm={cfg.qk_norm}, "
+                             f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
         dtype = self.embed_tokens.weight.dtype
         hf = {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"], "model_type": cfg.model_type,
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -339,6 +355,8 @@ class Transformer(nn.Module):
             "use_sliding_window": False, "attention_dropout": 0.0,
             "torch_dtype": str(dtype).removeprefix("torch."),
         }
+        if qwen3:
+            hf["attention_bias"] = cfg.qkv_bias
         if tokenizer_dir is not None:
             hf.update(special_token_ids(tokenizer_dir))
         tensors = {}
@@ -411,23 +429,48 @@ def auto_dtype(device):
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-def config_from_hf(hf, path="config.json"):
-    if hf.get("model_type") != "qwen2":
-        raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}, not 'qwen2': only Qwen2 models load here")
-    if hf.get("use_sliding_window") or hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: sliding-window attention and activations other than silu are not supported")
-    rope = hf.get("rope_parameters") or {}
-    if (hf.get("rope_scaling") or {}).get("rope_type", rope.get("rope_type", "default")) != "default":
-        raise ValueError(f"{path}: only the default RoPE (no scaling) is supported")
+def config_from_hf(hf, path="config.json", max_seq_len=None):
+    """A Qwen2 or Qwen3 config.json (dict) -> ModelConfig; a ValueError names what this file does not implement.
+    max_seq_len: the longest sequence the model will run, if less than max_position_embeddings."""
+    kind = hf.get("model_type")
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        raise ValueError(f"{path}: model_type {kind!r}: DeepSeek's MLA attention and MoE are not implemented here; "
+                         f"DeepSeek's distilled Qwen models (deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, ...) "
+                         f"are Qwen2 and load")
+    if kind not in ("qwen2", "qwen3"):
+        raise ValueError(f"{path}: model_type {kind!r}: only 'qwen2' and 'qwen3' models load here "
+                         f"(Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # transformers 5 writes the latter
+    rope = hf.get(field) or {}
+    scaling = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
+    if scaling != "default":
+        raise ValueError(f"{path}: {field} asks for {scaling!r} RoPE scaling, which is not implemented; "
+                         f"remove it from config.json to run within the trained context")
+    n_layer, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings", 32768)
+    max_len = min(max_len, max_seq_len or max_len)
+    # transformers slides layer i if layer_types says so, else if i >= max_window_layers; a window as long as the
+    # sequence changes nothing
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+    slides = ("sliding_attention" in hf["layer_types"] if hf.get("layer_types")
+              else n_layer > hf.get("max_window_layers", 28))
+    if window is not None and window < max_len and slides:
+        raise ValueError(f"{path}: use_sliding_window with sliding_window={window} < {max_len} tokens: sliding-window "
+                         f"attention is not implemented; load with max_seq_len <= {window}")
+    qwen3 = kind == "qwen3"
+    bias = hf.get("attention_bias", False)  # Qwen3 only: q, k, v and o alike
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     return ModelConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), n_embd=hf["hidden_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=heads,
+        n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hidden,
+        head_dim=hf.get("head_dim") or (128 if qwen3 else hidden // heads),  # Qwen3Config's default is 128
         intermediate_size=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' Qwen2 default
-        max_seq_len=hf.get("max_position_embeddings", 32768))
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' Qwen2/Qwen3 default
+        max_seq_len=max_len,
+        qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3, model_type=kind)
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""model.py against transformers' Qwen2ForCausalLM, the oracle: random tiny configs in float32."""
+"""model.py against transformers' Qwen2ForCausalLM / Qwen3ForCausalLM, the oracle: random tiny configs in float32."""
 
 import json
 import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from model import CONFIGS, ModelConfig, Transformer, distill_loss, sample_next
+from model import CONFIGS, ModelConfig, Transformer, config_from_hf, distill_loss, sample_next
 
 # (tied, n_head, n_kv_head, hidden, head_dim, intermediate, vocab): GQA ratios 1, 2 and 8, odd sizes
 SHAPES = [
@@ -19,15 +19,31 @@ SHAPES = [
 
 
 def hf_model(tied, n_head, n_kv, hidden, head_dim, inter, vocab, seed=0):
+    return random_hf(Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
+                                 num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
+                                 tie_word_embeddings=tied, rope_theta=10000.0, max_position_embeddings=64,
+                                 rms_norm_eps=1e-5), seed)
+
+
+def random_hf(cfg, seed=0):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
-                      num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
-                      tie_word_embeddings=tied, rope_theta=10000.0, max_position_embeddings=64, rms_norm_eps=1e-5)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # non-trivial biases and norm weights, not the init's zeros and ones
         for p in model.parameters():
             p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(-1.0, 1.5)
     return model
+
+
+# one tiny random config per teacher family, with that family's switches
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+FAMILIES = {
+    "qwen2.5-0.5b": Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=1e6),  # no head_dim in the file
+    "r1-distill-qwen": Qwen2Config(**TINY, tie_word_embeddings=False, rope_theta=1e4, max_window_layers=1),
+    "qwen2.5-7b": Qwen2Config(**dict(TINY, vocab_size=152064), tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True, rope_theta=1e6),  # 16 != 32 / 4 heads
+    "qwen3-attention-bias": Qwen3Config(**TINY, head_dim=16, attention_bias=True, rope_theta=1e6),
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -82,6 +98,100 @@ def test_export_round_trip(tmp_path, tokenizer_dir, tied):
     again = Transformer.from_pretrained(str(tmp_path), verbose=False)
     for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_families_match_transformers(tmp_path, family):
+    ref = random_hf(FAMILIES[family])
+    ref.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(str(tmp_path / "hf"), verbose=False)
+    assert ours.config.model_type == ref.config.model_type
+    assert ours.num_params() == sum(p.numel() for p in ref.parameters())  # q_norm/k_norm, biases, head
+    idx = torch.randint(0, ref.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref_logits = ref(idx).logits
+        assert (ours.lm_head(ours(idx)) - ref_logits).abs().max().item() <= 1e-4
+    prompt = idx[:, :9]
+    theirs = ref.generate(prompt, max_new_tokens=15, do_sample=False)
+    assert torch.equal(ours.generate(prompt, 15, temperature=0), theirs)
+    # our export loads in transformers as the same architecture, with the same logits
+    ours.save_pretrained(tmp_path / "ours")
+    hf = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert hf["architectures"] == ref.config.architectures and hf["model_type"] == ref.config.model_type
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(ref)
+    with torch.no_grad():
+        assert (back(idx).logits - ref_logits).abs().max().item() <= 1e-4
+
+
+# (sliding_window, max_window_layers, max_seq_len, refused): 2 layers, max_position_embeddings 64
+SLIDING = [
+    (16, 1, None, True),   # layer 1 slides at 16 tokens, sequences reach 64: refused
+    (64, 1, None, False),  # the window covers max_position_embeddings: full attention
+    (16, 1, 16, False),    # the caller runs at most 16 tokens
+    (16, 2, None, False),  # no layer slides (layer i slides from i >= max_window_layers)
+]
+
+
+@pytest.mark.parametrize("window, max_window_layers, max_seq_len, refused", SLIDING)
+def test_sliding_window_refused_only_where_it_matters(tmp_path, window, max_window_layers, max_seq_len, refused):
+    ref = random_hf(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=window,
+                                max_window_layers=max_window_layers))
+    ref.save_pretrained(tmp_path)
+    if refused:
+        with pytest.raises(ValueError, match=f"use_sliding_window.*sliding_window={window}") as e:
+            Transformer.from_pretrained(str(tmp_path), max_seq_len=max_seq_len)
+        assert "\n" not in str(e.value)
+        return
+    ours = Transformer.from_pretrained(str(tmp_path), verbose=False, max_seq_len=max_seq_len)
+    T = ours.config.max_seq_len
+    assert T == (max_seq_len or 64) and ours.rope_cos.shape[0] == T
+    idx = torch.randint(0, 101, (2, T))  # the longest sequence: where a window would first show
+    with torch.no_grad():
+        assert (ours.lm_head(ours(idx)) - ref(idx).logits).abs().max().item() <= 1e-4
+
+
+QWEN2 = dict(model_type="qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4)
+YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
+REFUSED = [  # config.json, what the one-line error says
+    ({"model_type": "deepseek_v3"}, r"model_type 'deepseek_v3'.*MLA.*DeepSeek-R1-Distill-Qwen-1.5B"),
+    ({"model_type": "deepseek_v2"}, r"model_type 'deepseek_v2'.*MLA"),
+    ({"model_type": "llama"}, r"model_type 'llama'.*only 'qwen2' and 'qwen3'"),
+    ({"model_type": "qwen2_moe"}, r"model_type 'qwen2_moe'.*only 'qwen2' and 'qwen3'"),
+    (dict(QWEN2, rope_scaling=dict(YARN, rope_type="yarn")), r"rope_scaling asks for 'yarn'"),
+    (dict(QWEN2, rope_scaling=dict(YARN, type="yarn")), r"rope_scaling asks for 'yarn'"),  # Qwen2.5's README spelling
+    (dict(QWEN2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+     r"rope_parameters asks for 'linear'"),
+    (dict(QWEN2, hidden_act="gelu"), r"hidden_act 'gelu'"),
+]
+
+
+@pytest.mark.parametrize("hf, match", REFUSED)
+def test_refused_configs(tmp_path, hf, match):
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=match) as e:
+        Transformer.from_pretrained(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_config_from_hf_defaults():
+    q2 = config_from_hf(dict(QWEN2, max_position_embeddings=131072))
+    assert (q2.head_dim, q2.rope_theta, q2.qkv_bias, q2.o_bias, q2.qk_norm) == (8, 10000.0, True, False, False)
+    q3 = config_from_hf(dict(QWEN2, model_type="qwen3"))
+    assert (q3.head_dim, q3.qkv_bias, q3.o_bias, q3.qk_norm) == (128, False, False, True)  # Qwen3Config's defaults
+    assert config_from_hf(dict(QWEN2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})).rope_theta == 1e6
+    # DeepSeek-R1-Distill-Qwen-1.5B's layout with its window switched on: layers 21..27 would slide at 4096 tokens
+    sw = dict(QWEN2, num_hidden_layers=28, max_window_layers=21, use_sliding_window=True, sliding_window=4096,
+              max_position_embeddings=131072)
+    with pytest.raises(ValueError, match="sliding_window=4096 < 131072"):
+        config_from_hf(sw)
+    assert config_from_hf(sw, max_seq_len=4096).max_seq_len == 4096
+    assert config_from_hf(dict(sw, max_window_layers=28)).max_seq_len == 131072  # no layer slides
+    bad = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, head_dim=8,
+                                  intermediate_size=32, qk_norm=True), verbose=False)
+    with pytest.raises(ValueError, match="no Hugging Face layout"):  # a qwen2 has no q/k norms
+        bad.save_pretrained("unused")
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -144,8 +254,13 @@ def test_parameter_counts():
     with torch.device("meta"):
         student = Transformer(CONFIGS["student-123m"], verbose=False)
         teacher = Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False)
+        qwen3 = Transformer(config_from_hf({  # Qwen/Qwen3-0.6B
+            "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+            "tie_word_embeddings": True, "max_position_embeddings": 40960}), verbose=False)
     assert student.num_params() == 123_426_304
     assert teacher.num_params() == 494_032_768
+    assert qwen3.num_params() == 596_049_920
 
 
 def test_init_and_rope_dtype():
@@ -163,9 +278,6 @@ def test_from_pretrained_errors(tmp_path, model_dir):
     with pytest.raises(FileNotFoundError, match="no directory"):
         Transformer.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="not 'qwen2'"):
         Transformer.from_pretrained(str(tmp_path))
     # missing keys: drop a layer's weights from a good checkpoint
     from safetensors.torch import load_file, save_file
