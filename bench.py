@@ -375,9 +375,11 @@ def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
             f"{r / r_ref:.2f}x"] for name, n, t, r, t_ref, r_ref, peak in rows])
 
 
-def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), device="cuda", **flags):
+def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), device="cuda", teacher=None,
+              **flags):
     """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) for `steps` steps through
-    distill.py itself, with a random teacher at the Qwen2.5-0.5B shape and random tokens: tokens/s, MFU and peak
+    distill.py itself, with random tokens and a random teacher at the Qwen2.5-0.5B shape (or `teacher`, a hub id or
+    directory: any teacher distill.py takes, e.g. --teacher=Qwen/Qwen2.5-1.5B): tokens/s, MFU and peak
     memory (distill.py's peak_mem_gb: CUDA's max_memory_allocated). Then 3 steps at each of `batches` up to the
     first over limit_gb (the T4's 15 GB less ~1 GB for CUDA's context and the allocator's cache) or out of
     memory. flags: more distill.py settings (a CPU smoke run: device="cpu", block_size=64, teacher_dtype=...)."""
@@ -390,7 +392,8 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), 
         return
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
-        Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False).half().save_pretrained(d)  # the "teacher"
+        if teacher is None:
+            Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False).half().save_pretrained(d)  # the "teacher"
         rng = np.random.default_rng(0)
         for split, n in (("train", 2_000_000), ("val", 100_000)):
             rng.integers(0, VOCAB, n, dtype=np.uint32).tofile(os.path.join(d, f"{split}.bin"))
@@ -399,7 +402,7 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), 
 
         def run(batch_size, iters):
             out = os.path.join(d, f"out{batch_size}_{iters}")
-            args = dict(dict(teacher=d, data_dir=d, out_dir=out, device=device, batch_size=batch_size, max_iters=iters,
+            args = dict(dict(teacher=teacher or d, data_dir=d, out_dir=out, device=device, batch_size=batch_size, max_iters=iters,
                              lr_decay_iters=iters, warmup_iters=2, eval_interval=10 ** 6, eval_iters=1, log_interval=1),
                         **flags)
             r = subprocess.run([sys.executable, os.path.join(REPO, "distill.py"), os.path.join(REPO, "config", "t4.py"),
@@ -414,7 +417,7 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), 
             return (med("tokens_per_sec"), med("mfu"), max(row["peak_mem_gb"] for row in rows)), None
 
         name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if device == "cuda" else machine()
-        print(f"config/t4.py on {name}; a random teacher (the Qwen2.5-0.5B shape) and random "
+        print(f"config/t4.py on {name}; teacher {teacher or 'random, of the Qwen2.5-0.5B shape'}; random "
               f"tokens; tokens/s and MFU: medians over the last 3/4 of the steps; flags {flags or 'none'}\n")
         rows, fits = [], []
         for i, (what, b, iters) in enumerate([(f"T4 settings, {steps} steps", 8, steps)] +

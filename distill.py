@@ -228,10 +228,39 @@ my_val_windows = val_windows[rank::world_size]
 # -----------------------------------------------------------------------------
 # models: the frozen teacher (through model.py) and the student
 
+
+
+def check_tokenizers(teacher_dir):
+    """The teacher must read the data's token ids as its own: the same ids for a probe text (Chinese, English,
+    digits, punctuation, whitespace; no BOS) and the data's EOS id as its EOS or as the same token. Otherwise the
+    run would go on, its loss falling, and teach the student nonsense."""
+    from prepare import PROBE, load_tokenizer
+
+    if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return print0(f"warning: no tokenizer beside the teacher {teacher}: cannot check that it reads the data's ids")
+    try:
+        t_tok, t_eos = load_tokenizer(teacher_dir)
+        d_tok, _ = load_tokenizer(meta.get("tokenizer") or "")
+    except ValueError as e:
+        return print0(f"warning: cannot compare the teacher's tokenizer with the data's: {e}")
+    eos = meta["eos_id"]
+    if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
+        problem = "encodes text into other ids than"
+    elif eos != t_eos and t_tok.convert_ids_to_tokens(eos) != d_tok.convert_ids_to_tokens(eos):
+        problem = f"does not read EOS id {eos} as"
+    else:
+        return
+    die(f"the teacher's tokenizer ({teacher}) {problem} the data's ({meta['tokenizer']}): prepare the data with the "
+        f"teacher's tokenizer (python prepare.py --tokenizer={teacher} ...) or choose a teacher of the data's")
+
+
 teacher_model, w_t = None, None
 if teacher is not None:
     try:
-        teacher_model = Transformer.from_pretrained(teacher, dtype=DTYPES[teacher_dtype], device=device, verbose=master)
+        teacher_dir = resolve_pretrained(teacher)
+        check_tokenizers(teacher_dir)
+        teacher_model = Transformer.from_pretrained(teacher_dir, dtype=DTYPES[teacher_dtype], device=device,
+                                                    verbose=master, max_seq_len=block_size)
     except (OSError, ValueError) as e:
         die(f"cannot load the teacher: {e}".splitlines()[0])
     teacher_model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained

@@ -121,20 +121,32 @@ def load_t2s():
         die("--t2s needs OpenCC: pip install opencc")
     return opencc.OpenCC("t2s").convert
 
+# ordinary text a tokenizer must encode and decode back (Chinese, English, digits, punctuation, whitespace); also
+# the probe by which distill.py compares the teacher's tokenizer with the data's
+PROBE = "维基百科是一个自由的百科全书。Wikipedia, the free encyclopedia: 2024年1月15日, 3.14 + 42 = 45.14!\n\t  「引号」（括号）"
+
+
 def load_tokenizer(name):
+    """A fast tokenizer from a hub id or a local directory, and its EOS id. ValueError (one line) if it cannot be
+    loaded or cannot encode ordinary text: from a directory without tokenizer files transformers builds an empty
+    tokenizer, which would turn every document into nothing but its EOS."""
     from transformers import AutoTokenizer
 
     from model import TOKENIZER_FILES, resolve_pretrained
     try:
         tok = AutoTokenizer.from_pretrained(resolve_pretrained(name, TOKENIZER_FILES))
     except Exception as e:
-        die(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, point "
-            f"--tokenizer at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))")
+        raise ValueError(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, "
+                         f"point at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
     if not tok.is_fast:
-        die(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
+        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
     if eos is None:
-        die(f"tokenizer '{name}' has no EOS token and no <|endoftext|>")
+        raise ValueError(f"tokenizer '{name}' has no EOS token and no <|endoftext|>")
+    ids = tok(PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) < len(PROBE) // 8 or tok.unk_token_id in ids or tok.decode(ids).split() != PROBE.split():
+        raise ValueError(f"tokenizer '{name}' cannot encode ordinary text ({len(ids)} tokens for {len(PROBE)} "
+                         f"characters that do not decode back): is it a tokenizer directory (tokenizer.json)?")
     return tok, eos
 
 # -----------------------------------------------------------------------------
@@ -260,7 +272,10 @@ def main(argv=None):
     first = next(docs, None)  # one document read before the slow tokenizer load: bad input fails fast
     if first is None:
         die(f"no documents in {' '.join(paths or WIKI)} (empty, or all shorter than --min_chars={args.min_chars})")
-    tok, eos_id = load_tokenizer(args.tokenizer)
+    try:
+        tok, eos_id = load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        die(str(e))
     max_bytes = args.max_bytes or (None if paths else int(50e6))
     meta = prepare(itertools.chain([first], docs), tok, eos_id, args.out_dir, args.val_fraction, args.seed,
                    max_bytes, args.max_docs, args.batch_size, source=paths or " ".join(WIKI),

@@ -22,11 +22,14 @@ the 2 groups, 2048 of 4864 neurons; same head_dim, vocabulary and RoPE.
 import torch
 import torch.nn.functional as F
 
-from model import RMSNorm, Transformer
+from model import Transformer
 
 
 def check(tcfg, scfg):
     """The one line that says why the student's shape cannot be cut out of the teacher's, or None."""
+    if (tcfg.model_type, tcfg.qkv_bias, tcfg.o_bias, tcfg.qk_norm) != ("qwen2", True, False, False):
+        return (f"the teacher is {tcfg.model_type} (q/k norms, no q/k/v biases) and the student Qwen2: pruning needs "
+                f"a Qwen2 teacher (Qwen2.5, DeepSeek-R1-Distill-Qwen); distill this one into a student from scratch")
     if scfg.head_dim != tcfg.head_dim:
         return (f"the student's head_dim {scfg.head_dim} (n_embd / n_head) differs from the teacher's "
                 f"{tcfg.head_dim}: pruning keeps whole heads; choose n_embd = {tcfg.head_dim} * n_head")
@@ -46,7 +49,7 @@ def importance(model, batches):
     for the L2 statistics (so processes add theirs up), of 1 - cos for the layers; finished by select()."""
     cfg, dev = model.config, model.embed_tokens.weight.device
     L, H = cfg.n_layer, cfg.n_head
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]  # 2 per layer, then the final norm
+    norms = [n for b in model.layers for n in (b.input_layernorm, b.post_attention_layernorm)] + [model.norm]
     sums = {"neurons": torch.zeros(L, cfg.intermediate_size, device=dev), "heads": torch.zeros(L, H, device=dev),
             "channels": torch.zeros(len(norms), cfg.n_embd, device=dev), "layers": torch.zeros(L, device=dev),
             "norm_inputs": torch.zeros(len(norms), cfg.n_embd, device=dev), "tokens": torch.zeros((), device=dev)}
