@@ -8,6 +8,11 @@ directory or else from this repository) and `--key=value` flags. Unknown keys ar
 nearest known key; an int is accepted for a float; `None` can be given to any key, and any value to a key
 whose default is None; values may contain `=`. Returns the final settings as a dict. `--help` prints the
 script's settings block, comments and all.
+
+    check(config, {"alpha": between(0, 1), "kd_kind": one_of("forward_kl", "jsd"), ...})
+
+then checks the values, before anything is loaded: the first setting out of range stops the script with one
+line that names it, its value and what is allowed.
 """
 
 import ast
@@ -73,3 +78,32 @@ def configure(g, argv=None):
                     value = raw
             g[key] = check(key, value, arg)
     return {k: g[k] for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# rules: (test, what is allowed); a test that raises (None compared with a number, say) fails
+
+
+def one_of(*values):
+    return (lambda v: v in values), "one of " + ", ".join(map(str, values))
+
+
+def at_least(lo, or_none=False):
+    return (lambda v: (or_none and v is None) or v >= lo), f">= {lo}" + (" or None" if or_none else "")
+
+
+def between(lo, hi, ends="[]"):  # ends: "[]" closed, "()" open, "[)" ...
+    low = (lambda v: v >= lo) if ends[0] == "[" else (lambda v: v > lo)
+    high = (lambda v: v <= hi) if ends[1] == "]" else (lambda v: v < hi)
+    return (lambda v: low(v) and high(v)), f"in {ends[0]}{lo}, {hi}{ends[1]}"
+
+
+def check(settings, rules):
+    script = os.path.basename(sys.argv[0]) or "config"
+    for key, (test, allowed) in rules.items():
+        try:
+            ok = test(settings[key])
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SystemExit(f"{script}: error: {key}={settings[key]!r}: must be {allowed}")

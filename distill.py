@@ -20,8 +20,10 @@ import json
 import math
 import os
 import resource
+import re
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -32,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from configurator import at_least, between, check, configure, one_of
 from model import DTYPES, KD_KINDS, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, distill_loss, \
-    resolve_pretrained
+    load_checkpoint, resolve_pretrained
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -111,7 +113,28 @@ def die(msg):  # one clear line and a non-zero exit, printed once under torchrun
 
 
 # -----------------------------------------------------------------------------
-# setup: processes, devices, checks of the settings
+# setup: the settings' valid values (before anything is loaded), processes, devices
+
+is_dir = (lambda v: isinstance(v, str) and v != ""), "a directory"
+check(config, {
+    "data_dir": is_dir, "out_dir": is_dir, "init_from": one_of("scratch", "prune", "resume"),
+    "eval_interval": at_least(1), "eval_iters": at_least(1), "log_interval": at_least(1),
+    "teacher_dtype": one_of("auto", *DTYPES), "alpha": between(0, 1), "temperature": between(0, math.inf, "()"),
+    "kd_kind": one_of(*KD_KINDS), "kd_beta": between(0, 1, "()"), "kd_chunk_size": at_least(1),
+    "prune_windows": at_least(1), "prune_layers": one_of("importance", "even"), "prune_width": one_of("importance", "even"),
+    "n_layer": at_least(1), "n_head": at_least(1), "n_kv_head": at_least(1), "n_embd": at_least(1),
+    "intermediate_size": at_least(1), "block_size": at_least(1), "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1), "epochs": at_least(1), "max_iters": at_least(0),
+    "learning_rate": at_least(0), "min_lr": at_least(0), "warmup_iters": at_least(0), "lr_decay_iters": at_least(0),
+    "weight_decay": at_least(0), "beta1": between(0, 1, "[)"), "beta2": between(0, 1, "[)"), "grad_clip": at_least(0),
+    "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "cpu, cuda or cuda:N"), "dtype": one_of(*DTYPES),
+    "seed": at_least(0)})
+if n_embd % n_head or n_head % n_kv_head:
+    die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
+if init_from == "prune" and teacher is None:
+    die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
+if min_lr > learning_rate:
+    die(f"min_lr={min_lr} exceeds learning_rate={learning_rate}: the schedule decays to min_lr")
 
 ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
 rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else \
@@ -119,8 +142,8 @@ rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK
 if ddp and device.startswith("cuda"):
     device = f"cuda:{local_rank}"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda" and not torch.cuda.is_available():
-    die(f"device={device} but CUDA is not available; use --device=cpu")
+if device_type == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+    die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use --device=cpu")
 if ddp:
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -133,30 +156,26 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
-if init_from not in ("scratch", "prune", "resume"):
-    die(f"init_from={init_from!r}: use scratch, prune or resume")
-if init_from == "prune" and teacher is None:
-    die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
-if {prune_layers, prune_width} - {"importance", "even"} or prune_windows < 1:
-    die(f"prune_layers={prune_layers!r}, prune_width={prune_width!r}, prune_windows={prune_windows}: use importance "
-        f"or even, and >= 1 window")
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
-for key, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
-    if value not in DTYPES:
-        die(f"{key}={value!r}: use float32, bfloat16 or float16")
-if kd_kind not in KD_KINDS:
-    die(f"kd_kind={kd_kind!r}: use one of {', '.join(KD_KINDS)}")
-if n_embd % n_head or n_head % n_kv_head:
-    die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
-if min(batch_size, block_size, gradient_accumulation_steps, eval_interval, eval_iters, log_interval) < 1:
-    die("batch_size, block_size, gradient_accumulation_steps, eval_interval, eval_iters and log_interval must be >= 1")
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
 if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a T4)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
+
+# out_dir: writable, and no earlier run in it is lost to a forgotten --init_from=resume
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        die(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir")
+    if init_from != "resume" and os.path.exists(ckpt_path):
+        die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in another "
+            f"--out_dir (or delete it)")
 
 # -----------------------------------------------------------------------------
 # data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
@@ -165,12 +184,21 @@ meta_path = os.path.join(data_dir, "meta.json")
 for path in (meta_path, os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")):
     if not os.path.exists(path):
         die(f"no {path}: run prepare.py first (or point --data_dir at its output)")
-with open(meta_path) as f:
-    meta = json.load(f)
 try:
-    data_dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])  # never guessed
-except (KeyError, TypeError, ValueError) as e:
-    die(f"{meta_path} lacks a valid dtype or vocab_size ({e}); rerun prepare.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    data_dtype, vocab_size, eos_id = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eos_id"])
+    assert data_dtype in (np.uint16, np.uint32) and 0 <= eos_id < vocab_size  # never guessed
+except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    die(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun prepare.py")
+for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json or a cut copy)
+    path = os.path.join(data_dir, f"{split}.bin")
+    if os.path.getsize(path) % data_dtype.itemsize:
+        die(f"{path} is {os.path.getsize(path):,} bytes, not a whole number of {data_dtype.name} tokens: damaged; "
+            f"rerun prepare.py")
+    if os.path.getsize(path) and (top := int(np.memmap(path, dtype=data_dtype, mode="r").max())) >= vocab_size:
+        die(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the bins and meta.json "
+            f"are not of one prepare.py run; rerun prepare.py")
 
 
 def n_windows(split):
@@ -243,7 +271,7 @@ def check_tokenizers(teacher_dir):
         d_tok, _ = load_tokenizer(meta.get("tokenizer") or "")
     except ValueError as e:
         return print0(f"warning: cannot compare the teacher's tokenizer with the data's: {e}")
-    eos = meta["eos_id"]
+    eos = eos_id
     if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
         problem = "encodes text into other ids than"
     elif eos != t_eos and t_tok.convert_ids_to_tokens(eos) != d_tok.convert_ids_to_tokens(eos):
@@ -272,11 +300,13 @@ if teacher is not None:
         die(f"block_size {block_size} exceeds the teacher's max_seq_len {tcfg.max_seq_len}")
     w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, a chunk of tokens at a time
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         die(f"no {ckpt_path} to resume from; start with --init_from=scratch")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        die(str(e))
     model_args = ckpt["model_args"]  # the student's shape is the checkpoint's, whatever the settings say
 else:
     model_args = asdict(ModelConfig(

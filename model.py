@@ -301,7 +301,12 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
         sd = {}
         for name in files:
-            for k, t in load_file(os.path.join(path, name), device=str(device)).items():
+            try:
+                tensors = load_file(os.path.join(path, name), device=str(device))
+            except Exception as e:  # a download cut short, a full disk: safetensors' own error types
+                raise ValueError(f"{os.path.join(path, name)} is damaged and cannot be read ({e}); download it "
+                                 f"again") from None
+            for k, t in tensors.items():
                 if not k.endswith("rotary_emb.inv_freq"):  # old exports carry it
                     sd[k.removeprefix("model.")] = t.to(dtype)
         model = cls.from_state_dict(config, sd, device, where=path)
@@ -372,6 +377,19 @@ class Transformer(nn.Module):
             src = os.path.join(tokenizer_dir, name)
             if os.path.exists(src):
                 atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
+
+
+def load_checkpoint(path):
+    """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut short, a full
+    disk) or not distill.py's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
+        raise ValueError(f"{path} is damaged and cannot be read ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                         f"restore a copy, or start again elsewhere") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
+    return ckpt
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

@@ -17,11 +17,14 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
+
+from configurator import at_least, between, check
 
 VERSION = 1  # bump when the bins or meta.json change meaning
 WIKI = ("wikimedia/wikipedia", "20231101.zh")  # the old script-based "wikipedia" id fails on datasets >= 4
@@ -61,7 +64,10 @@ def read_jsonl(path, field):
 
 def read_parquet(path, field):
     import pyarrow.parquet as pq  # a dependency of datasets
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors for a damaged or foreign file
+        die(f"{path} is not a readable parquet file ({e})")
     if field not in pf.schema_arrow.names:
         die(f"{path}: no column '{field}' (found: {', '.join(pf.schema_arrow.names)}); choose one with --text_field")
     for batch in pf.iter_batches(batch_size=1000, columns=[field]):
@@ -184,9 +190,9 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
             np.asarray(flat, dtype=dtype).tofile(f)
             n[split + "_tokens"] += len(flat)
 
+    bar = tqdm(unit=" docs", disable=None if progress else True)  # None: only on a terminal
     try:
         stream, pending, t0 = limited(), None, time.time()
-        bar = tqdm(unit=" docs", disable=not progress)
         while batch := list(itertools.islice(stream, batch_size)):
             # the newest batch waits: its last document may have to go to a split left empty
             if pending:
@@ -221,6 +227,7 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
             os.replace(tmp[name], final[name])
         return meta
     except BaseException:  # an error or Ctrl-C: drop the temp files, leave any older output alone
+        bar.close()  # so that the error gets a line of its own
         for f in files.values():
             f.close()
         for path in tmp.values():
@@ -251,11 +258,17 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=1000, help="documents per tokenizer call")
     p.add_argument("--force", action="store_true", help="rebuild an out_dir that already has a meta.json")
     args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        die(f"--val_fraction={args.val_fraction} must be in [0, 1)")
+    check(vars(args), {"val_fraction": between(0, 1, "[)"), "max_bytes": at_least(1, or_none=True),
+                       "max_docs": at_least(2, or_none=True), "min_chars": at_least(0), "seed": at_least(0),
+                       "batch_size": at_least(1)})
     if os.path.exists(os.path.join(args.out_dir, "meta.json")) and not args.force:
         print(f"prepare.py: {args.out_dir} already has a meta.json; leaving it as it is (--force rebuilds it)")
         return
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir).close()
+    except OSError as e:
+        die(f"cannot write to --out_dir={args.out_dir} ({e.strerror}); choose another")
 
     convert = load_t2s() if args.t2s else None
     paths = find_files(args.input) if args.input else None
@@ -277,10 +290,13 @@ def main(argv=None):
     except ValueError as e:
         die(str(e))
     max_bytes = args.max_bytes or (None if paths else int(50e6))
-    meta = prepare(itertools.chain([first], docs), tok, eos_id, args.out_dir, args.val_fraction, args.seed,
-                   max_bytes, args.max_docs, args.batch_size, source=paths or " ".join(WIKI),
-                   options=dict(t2s=args.t2s, min_chars=args.min_chars, text_field=args.text_field),
-                   tokenizer=args.tokenizer)
+    try:
+        meta = prepare(itertools.chain([first], docs), tok, eos_id, args.out_dir, args.val_fraction, args.seed,
+                       max_bytes, args.max_docs, args.batch_size, source=paths or " ".join(WIKI),
+                       options=dict(t2s=args.t2s, min_chars=args.min_chars, text_field=args.text_field),
+                       tokenizer=args.tokenizer)
+    except OSError as e:  # a full disk, say: the temp files are gone, the old output untouched
+        die(f"{e.filename or args.out_dir}: {e.strerror}; nothing was renamed into place")
     print(f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs), {meta['dtype']}, "
           f"{meta['text_bytes'] / 1e6:.1f} MB of text")

@@ -7,13 +7,14 @@ Generate text from the distilled student, or from any Qwen2 checkpoint (the teac
 """
 
 import os
+import re
 import sys
 import time
 
 import torch
 
-from configurator import configure
-from model import DTYPES, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, resolve_pretrained
+from configurator import at_least, check, configure, one_of
+from model import DTYPES, ModelConfig, Transformer, auto_dtype, load_checkpoint, resolve_pretrained
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # a distill.py out_dir (its ckpt.pt), a Hugging Face directory, or a hub id
@@ -27,17 +28,27 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
 config = configure(globals())
+check(config, {
+    "init_from": ((lambda v: isinstance(v, str) and v != ""), "a directory or a hub id"),
+    "start": ((lambda v: isinstance(v, str)), "text, or FILE:path"), "num_samples": at_least(1),
+    "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(1, or_none=True),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1] or None"), "seed": at_least(0),
+    "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "cpu, cuda or cuda:N"), "dtype": one_of("auto", *DTYPES)})
 # -----------------------------------------------------------------------------
+
+
+def die(msg):
+    raise SystemExit(f"sample.py: error: {msg}")
 
 
 def load(init_from, device, dtype):
     """-> (model, tokenizer directory or hub id)."""
     ckpt_path = os.path.join(init_from, "ckpt.pt")
     if os.path.exists(ckpt_path):  # a distill.py run, mid-training or finished
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
         hf_dir = os.path.join(init_from, "hf")
-        tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt["tokenizer"]
+        tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt.get("tokenizer")
         return model.to(device=device, dtype=dtype), tokenizer
     if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
         raise FileNotFoundError(f"{init_from} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
@@ -47,34 +58,37 @@ def load(init_from, device, dtype):
 
 
 def main():
-    from transformers import AutoTokenizer
+    from prepare import load_tokenizer
 
     torch.manual_seed(seed)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise SystemExit(f"sample.py: error: dtype={dtype!r}; use float32, bfloat16, float16 or auto")
+    if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use "
+            f"--device=cpu")
     dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
     try:
         model, tok_path = load(init_from, device, dt)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(tok_path, TOKENIZER_FILES))
+        tokenizer, eos_id = load_tokenizer(tok_path or "")
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"sample.py: error: {e}".splitlines()[0])
+        die(f"{e}".splitlines()[0])
     prompt = start
     if prompt.startswith("FILE:"):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
-        except OSError as e:
-            raise SystemExit(f"sample.py: error: cannot read the prompt file: {e}")
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"cannot read the prompt file: {e}")
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if not ids:
-        raise SystemExit("sample.py: error: the prompt is empty; give some text with --start")
+        die("the prompt is empty; give some text with --start")
+    if len(ids) >= model.config.max_seq_len:
+        die(f"the prompt is {len(ids)} tokens, and the model takes {model.config.max_seq_len} in all: shorten it")
     x = torch.tensor([ids], dtype=torch.long, device=device)
     print(f"{init_from}: {model.num_params():,} parameters, {dt}, {device}", file=sys.stderr)
     for _ in range(num_samples):
         out, shown, t0 = list(ids), tokenizer.decode(ids, skip_special_tokens=True), time.time()
         print(shown, end="", flush=True)
-        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=tokenizer.eos_token_id):
-            if tok.item() == tokenizer.eos_token_id:
+        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id):
+            if tok.item() == eos_id:
                 break
             out.append(tok.item())
             text = tokenizer.decode(out, skip_special_tokens=True)

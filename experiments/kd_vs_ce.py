@@ -24,6 +24,7 @@ the data and the teacher: a rerun reuses them (delete them to rebuild) and retra
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def main():
     if os.path.exists(os.path.join(teacher_dir, "hf", "model.safetensors")):
         print(f"  teacher: reusing {teacher_dir}", flush=True)
     else:
+        shutil.rmtree(teacher_dir, ignore_errors=True)  # an interrupted one: distill.py keeps earlier runs safe
         run("distill.py", common + ["--teacher=None", f"--out_dir={teacher_dir}", "--seed=0",
                                     *flags(size["teacher"])], teacher_dir + ".log")
 
@@ -159,6 +161,7 @@ def main():
     def student(job):
         name, seed = job
         run_dir = os.path.join(out, f"{name}_seed{seed}")
+        shutil.rmtree(run_dir, ignore_errors=True)  # retrained: distill.py would refuse to start over an earlier run
         run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
                                     f"--temperature={args.temperature}", *flags(size["student"]),
                                     *flags(specs[name][1])], run_dir + ".log", threads)

@@ -6,6 +6,8 @@ and more weight on the KD term (the random teacher's KL is small next to CE on t
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,32 +192,88 @@ def test_float16_with_gradscaler_and_accumulation(data, model_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def odd_teachers(tmp_path_factory, tokenizer_dir):
+def odd(tmp_path_factory, tokenizer_dir, data, straight):
+    """Bad inputs as users make them, built once: teachers, data directories and run directories gone wrong."""
     from model import Transformer
 
-    d = tmp_path_factory.mktemp("teachers")
+    d = tmp_path_factory.mktemp("odd")
     small = make_model_dir(d / "small_vocab", tokenizer_dir, vocab_size=256)
     poisoned = make_model_dir(d / "poisoned", tokenizer_dir)
     model = Transformer.from_pretrained(poisoned, verbose=False)
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")  # -> NaN hidden states
     model.save_pretrained(poisoned)
-    return {"small_vocab": small, "poisoned": poisoned}
+    cut_teacher = make_model_dir(d / "cut_teacher", tokenizer_dir)  # a download cut short
+    truncate(os.path.join(cut_teacher, "model.safetensors"))
+
+    def data_copy(name, edit):
+        shutil.copytree(data, d / name)
+        edit(d / name)
+        return str(d / name)
+
+    def meta_edit(**kw):
+        return lambda p: (p / "meta.json").write_text(json.dumps(dict(json.loads((p / "meta.json").read_text()), **kw)))
+
+    cut_run, foreign_run = d / "cut_run", d / "foreign_run"
+    shutil.copytree(straight, cut_run)
+    truncate(cut_run / "ckpt.pt")
+    shutil.copytree(straight, foreign_run)
+    torch.save({"weights": torch.zeros(2)}, foreign_run / "ckpt.pt")
+    (d / "a_file").write_text("")
+    return dict(small_vocab=small, poisoned=poisoned, cut_teacher=cut_teacher, cut_run=cut_run,
+                foreign_run=foreign_run, unwritable=d / "a_file" / "out",
+                cut_meta=data_copy("cut_meta", lambda p: truncate(p / "meta.json")),
+                float_meta=data_copy("float_meta", meta_edit(dtype="float32")),
+                small_meta=data_copy("small_meta", meta_edit(vocab_size=100, eos_id=0)),
+                cut_bin=data_copy("cut_bin", lambda p: open(p / "train.bin", "ab").write(b"\0")))
 
 
-ERRORS = {  # extra settings -> the one line that must say what is wrong
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+# extra settings -> the one line that must say what is wrong. Each runs on a copy of an earlier run (the straight
+# one) with --init_from=resume unless it says otherwise, and that run's files must come out untouched; FRESH cases
+# run in an empty out_dir (runtime failures, and refusals that need no earlier run).
+ERRORS = {
     "misspelt key": (["--batchsize=4"], "did you mean 'batch_size'?"),
+    "alpha": (["--alpha=1.5"], "alpha=1.5: must be in [0, 1]"),
+    "temperature": (["--temperature=0"], "temperature=0.0: must be in (0, inf)"),
+    "kd_beta": (["--kd_kind=jsd", "--kd_beta=1"], "kd_beta=1.0: must be in (0, 1)"),
+    "kd_kind": (["--kd_kind=kl"], "kd_kind='kl': must be one of forward_kl, reverse_kl, jsd"),
+    "learning_rate": (["--learning_rate=-3e-4"], "learning_rate=-0.0003: must be >= 0"),
+    "min_lr": (["--min_lr=0.1"], "min_lr=0.1 exceeds learning_rate=0.0003"),
+    "n_kv_head": (["--n_kv_head=0"], "n_kv_head=0: must be >= 1"),
+    "None": (["--batch_size=None"], "batch_size=None: must be >= 1"),
+    "kd_chunk_size": (["--kd_chunk_size=0"], "kd_chunk_size=0: must be >= 1"),
+    "seed": (["--seed=-1"], "seed=-1: must be >= 0"),
+    "dtype": (["--dtype=fp16"], "dtype='fp16': must be one of float32, bfloat16, float16"),
+    "device": (["--device=gpu"], "device='gpu': must be cpu, cuda or cuda:N"),
+    "no cuda": (["--device=cuda:0"], "device=cuda:0, but this machine has no CUDA device(s)"),
+    "init_from": (["--init_from=pretrained"], "init_from='pretrained': must be one of scratch, prune, resume"),
+    "earlier run": (["--init_from=scratch"], "ckpt.pt holds an earlier run: continue it with --init_from=resume"),
+    "damaged checkpoint": (["--out_dir={cut_run}"], "ckpt.pt is damaged and cannot be read"),
+    "foreign checkpoint": (["--out_dir={foreign_run}"], "ckpt.pt is not a checkpoint of distill.py"),
+    "missing data": (["--data_dir={missing}"], "meta.json: run prepare.py first"),
+    "damaged meta.json": (["--data_dir={cut_meta}"], "meta.json is damaged or not prepare.py's"),
+    "meta.json dtype": (["--data_dir={float_meta}"], "meta.json is damaged or not prepare.py's"),
+    "foreign ids": (["--data_dir={small_meta}"], "but meta.json's tokenizer has 100 ids: the bins and meta.json"),
+    "cut bin": (["--data_dir={cut_bin}"], "train.bin is 120,001 bytes, not a whole number of uint32 tokens"),
+    "too little data": (["--batch_size=500"], "train.bin holds 461 windows"),
     "vocabulary": (["--teacher={small_vocab}"], "the teacher's vocabulary (256 rows) is smaller than the "
                                                 "tokenizer's (300 ids)"),
-    "non-finite teacher": (["--teacher={poisoned}"], "non-finite teacher output at iter 0"),
-    "non-finite loss": (["--learning_rate=1e30", "--warmup_iters=0"], "non-finite loss at iter 1"),
-    "missing data": (["--data_dir={missing}"], "meta.json: run prepare.py first"),
-    "no checkpoint": (["--init_from=resume"], "ckpt.pt to resume from"),
     "block_size": (["--block_size=256"], "block_size 256 exceeds the teacher's max_seq_len 128"),
-    "too little data": (["--batch_size=500"], "train.bin holds 461 windows"),
     "no teacher": (["--teacher={missing}"], "cannot load the teacher: no directory"),
+    "damaged teacher": (["--teacher={cut_teacher}"], "model.safetensors is damaged and cannot be read"),
     "config file t4": (["config/t4.py", "--data_dir={missing}"], "run prepare.py first"),  # found from elsewhere
     "config file a100": (["config/a100.py", "--data_dir={missing}"], "run prepare.py first"),
+    # FRESH
+    "unwritable out_dir": (["--out_dir={unwritable}"], "cannot write to out_dir"),
+    "no checkpoint": (["--init_from=resume"], "ckpt.pt to resume from"),
+    "non-finite teacher": (["--init_from=scratch", "--teacher={poisoned}"], "non-finite teacher output at iter 0"),
+    "non-finite loss": (["--init_from=scratch", "--learning_rate=1e30", "--warmup_iters=0"],
+                        "non-finite loss at iter 1"),
     # init_from=prune: the teacher (conftest's) has 4 heads of 8 in 2 groups, 32 channels, 48 neurons, 2 layers
     "prune head_dim": (["--init_from=prune"], "the student's head_dim 16 (n_embd / n_head) differs from the teacher's 8"),
     "prune wider": (["--init_from=prune", "--n_head=4", "--n_kv_head=2"], "intermediate_size 64 exceeds the "
@@ -227,18 +285,31 @@ ERRORS = {  # extra settings -> the one line that must say what is wrong
     "prune no teacher": (["--init_from=prune", "--teacher=None"], "init_from=prune cuts the student out of the "
                                                                   "teacher, and teacher is None"),
 }
+FRESH = {"unwritable out_dir", "no checkpoint", "non-finite teacher", "non-finite loss", "prune head_dim",
+         "prune wider", "prune deeper", "prune groups", "prune no teacher"}
+
+
+def files(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(pathlib.Path(d).rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", ERRORS)
-def test_clear_errors(case, data, model_dir, odd_teachers, tmp_path):
+def test_clear_errors(case, data, model_dir, odd, straight, tmp_path):
+    """exit status 1, one line `distill.py: error: ...` naming the problem, no traceback, nothing lost."""
     extra, message = ERRORS[case]
-    names = dict(odd_teachers, missing=tmp_path / "missing")
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
-            *[e.format(**names) for e in extra])
-    assert r.returncode not in (0, None)
+    extra = [e.format(**odd, missing=tmp_path / "missing") for e in extra]
+    out = tmp_path / "out"
+    if case not in FRESH:
+        shutil.copytree(straight, out)
+        extra = ["--init_from=resume", *extra]
+    given = next((e.split("=", 1)[1] for e in extra if e.startswith("--out_dir=")), out)
+    before = files(given) if case not in FRESH else None
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *TINY, *extra)
     lines = r.stderr.strip().splitlines()
-    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("distill.py: error: "), r.stderr
-    assert message in lines[0], lines[0]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("distill.py: error: ") and message in lines[0], r.stderr
+    if before is not None:
+        assert files(given) == before
 
 
 DDP_GRADS = '''

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,25 +224,62 @@ def test_a_killed_run(bpe, tmp_path):
     assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
     assert load(out)[0]["train_docs"] + load(out)[0]["val_docs"] == 10
 
-def test_bad_input(bpe, tmp_path):
-    tokdir = f"--tokenizer={bpe[0]}"
-    write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "short.txt").write_text("短\n\n\n", encoding="utf-8")
-    (tmp_path / "nocv").mkdir()
-    (tmp_path / "nocv" / "opencc.py").write_text("raise ImportError('no opencc here')\n")
-    cases = [
-        (["--input=nothing*.jsonl", tokdir], "no files match --input=nothing*.jsonl", None),
-        (["--input=empty.jsonl", "--input=short.txt", tokdir], "no documents in empty.jsonl short.txt", None),
-        (["--input=docs.jsonl", "--text_field=body", tokdir], "no field 'body'", None),
-        (["--input=docs.jsonl", tokdir, "--t2s"], "pip install opencc", {"PYTHONPATH": str(tmp_path / "nocv")}),
-        ([tokdir], "use --input=", None),  # the default dataset, offline
-        (["--input=docs.jsonl", "--tokenizer=./no_such_tokenizer"], "no directory ./no_such_tokenizer", None),
-    ]
-    for args, message, env in cases:
-        r = run(*args, "--out_dir=OUT", cwd=tmp_path, env=env)
-        assert_clean_error(r, message)
-        assert not (tmp_path / "OUT" / "meta.json").exists()
+@pytest.fixture(scope="module")
+def bad(bpe, tmp_path_factory):
+    """Bad inputs as users give them, built once in one directory."""
+    d = tmp_path_factory.mktemp("bad")
+    write_jsonl(d / "docs.jsonl", DOCS)
+    (d / "empty.jsonl").write_text("\n")
+    (d / "short.txt").write_text("短\n\n\n", encoding="utf-8")
+    (d / "nocv").mkdir()
+    (d / "nocv" / "opencc.py").write_text("raise ImportError('no opencc here')\n")
+    text = (d / "docs.jsonl").read_text(encoding="utf-8")
+    (d / "cut.jsonl").write_text(text[:len(text) // 2], encoding="utf-8")  # a copy cut short, mid-line
+    (d / "latin1.txt").write_bytes("café crème brûlée, déjà vu".encode("latin-1"))
+    (d / "cut.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+    (d / "a_file").write_text("")
+    from conftest import make_model_dir
+    make_model_dir(d / "model_no_tokenizer")  # config.json and weights, no tokenizer files
+    return d
+
+
+BAD = {  # arguments -> the one line's words (FORCE: into an earlier output, which must stay as it was)
+    "no files": (["--input=nothing*.jsonl"], "no files match --input=nothing*.jsonl"),
+    "no documents": (["--input=empty.jsonl", "--input=short.txt"], "no documents in empty.jsonl short.txt"),
+    "text field": (["--input=docs.jsonl", "--text_field=body"], "no field 'body'"),
+    "no opencc": (["--input=docs.jsonl", "--t2s"], "pip install opencc"),
+    "offline": ([], "use --input="),  # the default dataset, offline
+    "no tokenizer dir": (["--input=docs.jsonl", "--tokenizer=./no_such_tokenizer"], "no directory ./no_such_tokenizer"),
+    "model as tokenizer": (["--input=docs.jsonl", "--tokenizer=model_no_tokenizer"], "cannot encode ordinary text"),
+    "cut jsonl": (["--input=cut.jsonl"], "cut.jsonl:39: not valid JSON"),
+    "not utf-8": (["--input=latin1.txt"], "latin1.txt is not UTF-8 text"),
+    "cut parquet": (["--input=cut.parquet"], "cut.parquet is not a readable parquet file"),
+    "batch_size": (["--input=docs.jsonl", "--batch_size=0"], "batch_size=0: must be >= 1"),
+    "max_docs": (["--input=docs.jsonl", "--max_docs=1"], "max_docs=1: must be >= 2 or None"),
+    "max_bytes": (["--input=docs.jsonl", "--max_bytes=-1"], "max_bytes=-1: must be >= 1 or None"),
+    "val_fraction": (["--input=docs.jsonl", "--val_fraction=1"], "val_fraction=1.0: must be in [0, 1)"),
+    "not a number": (["--input=docs.jsonl", "--max_docs=ten"], "argument --max_docs: invalid int value: 'ten'"),
+    "out_dir a file": (["--input=docs.jsonl", "--out_dir=a_file/OUT"], "cannot write to --out_dir=a_file/OUT"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case, bpe, bad, good, tmp_path):
+    """exit status 1 (2 for argparse's usage errors), the problem in one last line, no traceback, and an earlier
+    output in out_dir untouched (the runs pass --force)."""
+    args, message = BAD[case]
+    out = tmp_path / "OUT"
+    shutil.copytree(good, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    tok = [] if any(a.startswith("--tokenizer") for a in args) else [f"--tokenizer={bpe[0]}"]
+    env = {"PYTHONPATH": str(bad / "nocv")} if case == "no opencc" else None
+    r = run(*tok, f"--out_dir={out}", "--force", *args, cwd=bad, env=env)
+    assert_clean_error(r, message)
+    if case == "not a number":  # argparse's usage error: the usage, then the line, exit 2
+        assert r.returncode == 2 and r.stderr.startswith("usage: prepare.py")
+    else:
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 def test_a_tokenizer_that_cannot_be_loaded(tmp_path):
     with pytest.raises(ValueError, match="cannot load tokenizer .nobody/nothing.*local directory"):

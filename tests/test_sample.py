@@ -1,13 +1,16 @@
 """sample.py as a user runs it: greedy output equals transformers' greedy generate on the same checkpoint."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
+from conftest import REPO, make_model_dir
 
 
 def run_sample(*args):
@@ -45,11 +48,46 @@ def test_prompt_from_file(model_dir, tmp_path):
     assert r.stdout.startswith("北京是")
 
 
-def test_bad_input_is_one_clear_line(tmp_path, model_dir):
-    for args, msg in [([f"--init_from={tmp_path / 'none'}"], "no directory"),
-                      ([f"--init_from={tmp_path}"], "neither ckpt.pt"),
-                      ([f"--init_from={model_dir}", "--temprature=0"], "did you mean 'temperature'"),
-                      ([f"--init_from={model_dir}", "--start=FILE:/no/such/file"], "cannot read the prompt")]:
-        r = run_sample(*args)
-        assert r.returncode != 0
-        assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory, model_dir):
+    """Bad inputs, built once: a run whose ckpt.pt was cut short, a model without tokenizer files, a long prompt."""
+    d = tmp_path_factory.mktemp("odd_sample")
+    (d / "cut_run").mkdir()
+    shutil.copy(os.path.join(model_dir, "model.safetensors"), d / "cut_run" / "ckpt.pt")  # not even a zip
+    no_tokenizer = make_model_dir(d / "no_tokenizer")
+    cut_model = make_model_dir(d / "cut_model", os.path.dirname(os.path.join(model_dir, "tokenizer.json")))
+    with open(os.path.join(cut_model, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+    (d / "long.txt").write_text("维基百科是一个自由内容的百科全书。" * 20, encoding="utf-8")
+    return dict(cut_run=d / "cut_run", no_tokenizer=no_tokenizer, cut_model=cut_model, long=d / "long.txt")
+
+
+BAD = {  # settings -> the one line's words
+    "no directory": (["--init_from={missing}"], "no directory"),
+    "not a model": (["--init_from={empty}"], "neither ckpt.pt"),
+    "misspelt": (["--temprature=0"], "did you mean 'temperature'"),
+    "prompt file": (["--start=FILE:/no/such/file"], "cannot read the prompt"),
+    "empty prompt": (["--start="], "the prompt is empty"),
+    "long prompt": (["--start=FILE:{long}"], "and the model takes 128 in all: shorten it"),
+    "top_k": (["--top_k=0"], "top_k=0: must be >= 1 or None"),
+    "top_p": (["--top_p=0"], "top_p=0: must be in (0, 1] or None"),
+    "temperature": (["--temperature=-1"], "temperature=-1.0: must be >= 0"),
+    "num_samples": (["--num_samples=0"], "num_samples=0: must be >= 1"),
+    "max_new_tokens": (["--max_new_tokens=-5"], "max_new_tokens=-5: must be >= 1"),
+    "dtype": (["--dtype=float64"], "dtype='float64': must be one of auto, float32"),
+    "no cuda": (["--device=cuda"], "device=cuda, but this machine has no CUDA device(s)"),
+    "damaged checkpoint": (["--init_from={cut_run}"], "ckpt.pt is damaged and cannot be read"),
+    "damaged weights": (["--init_from={cut_model}"], "model.safetensors is damaged and cannot be read"),
+    "no tokenizer": (["--init_from={no_tokenizer}"], "cannot encode ordinary text"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_clear_line(case, tmp_path, model_dir, odd):
+    args, message = BAD[case]
+    (tmp_path / "empty").mkdir()
+    names = dict(odd, missing=tmp_path / "none", empty=tmp_path / "empty")
+    r = run_sample(f"--init_from={model_dir}", "--device=cpu", *[a.format(**names) for a in args])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and message in lines[0], r.stderr
