@@ -29,7 +29,7 @@ def configure(g, argv=None):
     keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
 
     def fail(msg):
-        raise SystemExit(f"{script}: error: {msg}")
+        error(f"{script}: error: {msg}")
 
     if "-h" in argv or "--help" in argv:  # the settings document themselves: print that part of the script
         with open(g["__file__"], encoding="utf-8") as f:
@@ -106,4 +106,8 @@ def check(settings, rules):
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise SystemExit(f"{script}: error: {key}={settings[key]!r}: must be {allowed}")
+            error(f"{script}: error: {key}={settings[key]!r}: must be {allowed}")
+
+
+def error(msg):  # one line and exit status 1; under torchrun rank 0 alone prints it
+    raise SystemExit(msg if int(os.environ.get("RANK", 0)) == 0 else 1)
