@@ -74,11 +74,14 @@ def machine():
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run_child(fn, **kwargs):
+def run_child(fn, timeout=None, **kwargs):
     """Runs fn(**kwargs) of this file in a fresh process and returns the dict it prints: a side's peak RSS
     (ru_maxrss) is then its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", fn.__name__, json.dumps(kwargs)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench.py: {fn.__name__} timed out after {timeout} s") from None
     if r.returncode != 0:
         raise SystemExit(f"bench.py: {fn.__name__}({kwargs}) failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -352,7 +355,7 @@ def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
 
     with torch.device("meta"):  # parameter counts only
         teacher, student = (Transformer(CONFIGS[k], verbose=False) for k in ("qwen2.5-0.5b", "student-123m"))
-    flops = student.flops_per_token(T) + teacher.flops_per_token(T) / 3  # student fwd + bwd, teacher fwd
+    flops = sum(student.flops_per_token(T)) + sum(teacher.flops_per_token(T, backward=False))
     rows, default_threads = [], torch.get_num_threads()
     for n in threads:
         n = n or default_threads
@@ -375,14 +378,45 @@ def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
             f"{r / r_ref:.2f}x"] for name, n, t, r, t_ref, r_ref, peak in rows])
 
 
-def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), device="cuda", teacher=None,
+def gpu_checks(teacher, batch_size, block_size, device):
+    """What the T4 run must not do silently, in one process. 1. The float16 teacher's hidden states are finite, with
+    and without the float32 residual stream (on random weights this only shows the guard works; a real checkpoint
+    is the real test). 2. One training step with SDPA restricted to its fused kernels: a fall-back to the math
+    kernel, which materializes (T, T) scores, becomes an error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model import CONFIGS, Transformer, distill_loss
+
+    out = {}
+    t = Transformer.from_pretrained(teacher, dtype=torch.float16, device=device, verbose=False, max_seq_len=block_size)
+    x = torch.randint(0, VOCAB, (batch_size, block_size + 1), device=device)
+    with torch.no_grad():
+        for guard in (False, True):
+            t.fp32_residual = guard
+            out[f"teacher finite, fp32_residual={guard}"] = bool(torch.isfinite(t(x[:, :-1])).all())
+    s = Transformer(CONFIGS["student-123m"], verbose=False).to(device)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            with torch.no_grad():
+                h_t = t(x[:, :-1])
+            loss, _ = distill_loss(s(x[:, :-1]), s.lm_head.weight, h_t, t.lm_head.weight, x[:, 1:], vocab_size=VOCAB,
+                                   chunk_size=128)
+            loss.backward()
+        out["a step with fused SDPA only"] = "ok"
+    except RuntimeError as e:
+        out["a step with fused SDPA only"] = f"FAILED: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cuda", teacher=None, timeout=300,
               **flags):
-    """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) for `steps` steps through
-    distill.py itself, with random tokens and a random teacher at the Qwen2.5-0.5B shape (or `teacher`, a hub id or
-    directory: any teacher distill.py takes, e.g. --teacher=Qwen/Qwen2.5-1.5B): tokens/s, MFU and peak
-    memory (distill.py's peak_mem_gb: CUDA's max_memory_allocated). Then 3 steps at each of `batches` up to the
-    first over limit_gb (the T4's 15 GB less ~1 GB for CUDA's context and the allocator's cache) or out of
-    memory. flags: more distill.py settings (a CPU smoke run: device="cpu", block_size=64, teacher_dtype=...)."""
+    """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) through distill.py itself, with
+    random tokens and a random teacher of the Qwen2.5-0.5B shape (or `teacher`, a hub id or directory: any teacher
+    distill.py takes, e.g. --teacher=Qwen/Qwen2.5-1.5B). First gpu_checks; then `steps` steps: tokens/s, MFU, peak
+    memory allocated and reserved; then 3 steps at each of `batches` up to the first whose reserved memory passes
+    limit_gb (the T4's 15 GB less ~1 GB for CUDA's context) or runs out. Every row is printed as it comes, so a
+    run cut short keeps what it measured; each child has `timeout` seconds and writes no checkpoint or export.
+    flags: more distill.py settings (a CPU smoke run: device="cpu", block_size=64, teacher_dtype=float32)."""
     import numpy as np
 
     from model import CONFIGS, Transformer
@@ -390,6 +424,7 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), 
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here: skipped")
         return
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         if teacher is None:
@@ -399,45 +434,59 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(8, 12, 16, 20, 24, 32, 40, 48), 
             rng.integers(0, VOCAB, n, dtype=np.uint32).tofile(os.path.join(d, f"{split}.bin"))
         with open(os.path.join(d, "meta.json"), "w") as f:
             json.dump({"dtype": "uint32", "vocab_size": VOCAB, "eos_id": 151_643, "tokenizer": None}, f)
+        name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if device == "cuda" else machine()
+        print(f"config/t4.py on {name}; teacher {teacher or 'random, of the Qwen2.5-0.5B shape'}; random tokens; "
+              f"tokens/s and MFU: medians over the last 3/4 of the steps; flags {flags or 'none'}\n", flush=True)
+        block = int(flags.get("block_size", 512))
+        try:
+            for what, result in run_child(gpu_checks, timeout=timeout, teacher=teacher or d, batch_size=8,
+                                          block_size=block, device=device).items():
+                print(f"- {what}: {result}", flush=True)
+        except SystemExit as e:
+            print(f"- the checks failed: {e}", flush=True)
 
         def run(batch_size, iters):
-            out = os.path.join(d, f"out{batch_size}_{iters}")
-            args = dict(dict(teacher=teacher or d, data_dir=d, out_dir=out, device=device, batch_size=batch_size, max_iters=iters,
-                             lr_decay_iters=iters, warmup_iters=2, eval_interval=10 ** 6, eval_iters=1, log_interval=1),
-                        **flags)
-            r = subprocess.run([sys.executable, os.path.join(REPO, "distill.py"), os.path.join(REPO, "config", "t4.py"),
-                                *(f"--{k}={v}" for k, v in args.items())], capture_output=True, text=True)
+            args = dict(dict(teacher=teacher or d, data_dir=d, out_dir=os.path.join(d, "out"), device=device,
+                             batch_size=batch_size, max_iters=iters, lr_decay_iters=iters, warmup_iters=2,
+                             eval_interval=10 ** 6, eval_iters=1, log_interval=1, save=False), **flags)
+            shutil.rmtree(args["out_dir"], ignore_errors=True)
+            cmd = [sys.executable, os.path.join(REPO, "distill.py"), os.path.join(REPO, "config", "t4.py"),
+                   *(f"--{k}={v}" for k, v in args.items())]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None, f"timed out after {timeout} s"
             if r.returncode != 0:
-                return None, (r.stderr.strip().splitlines() or ["?"])[-1]
-            with open(os.path.join(out, "log.jsonl")) as f:
+                print("    " + r.stderr[-2000:].replace("\n", "\n    "), flush=True)
+                return None, (r.stderr.strip().splitlines() or ["?"])[-1][:120]
+            with open(os.path.join(args["out_dir"], "log.jsonl")) as f:
                 rows = [row for row in map(json.loads, f) if "loss" in row]
-            shutil.rmtree(out)  # its ckpt.pt and hf/: 2 GB a run
             later = rows[len(rows) // 4:] or rows  # past the warm-up (CUDA init, allocator growth)
-            med = lambda k: statistics.median(row[k] for row in later) if later[0][k] is not None else None
-            return (med("tokens_per_sec"), med("mfu"), max(row["peak_mem_gb"] for row in rows)), None
+            med = lambda k: statistics.median(row[k] for row in later) if later[0][k] is not None else None  # noqa
+            peak = lambda k: max(row[k] for row in rows) if rows[0][k] is not None else None  # noqa
+            return (med("tokens_per_sec"), med("mfu"), peak("peak_mem_gb"), peak("peak_reserved_gb")), None
 
-        name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if device == "cuda" else machine()
-        print(f"config/t4.py on {name}; teacher {teacher or 'random, of the Qwen2.5-0.5B shape'}; random "
-              f"tokens; tokens/s and MFU: medians over the last 3/4 of the steps; flags {flags or 'none'}\n")
-        rows, fits = [], []
+        print("\n| run | batch_size | tokens/s | MFU | peak allocated GB | peak reserved GB |\n|---|---|---|---|---|---|",
+              flush=True)
+        fits = []
         for i, (what, b, iters) in enumerate([(f"T4 settings, {steps} steps", 8, steps)] +
-                                             [("3 steps", b, 3) for b in batches]):
+                                             [("3 steps", b, 3) for b in batches if b != 8]):
             res, err = run(b, iters)
             if res is None:
-                rows.append([what, b, err, "-", "-"])
+                print(f"| {what} | {b} | {err} | - | - | - |", flush=True)
                 break
-            tps, mfu, mem = res
-            rows.append([what, b, f"{tps:,.0f}", f"{mfu:.1%}" if mfu else "-", f"{mem:.2f}"])
-            if i > 0:  # the batch search
-                if mem > limit_gb:
-                    break
-                fits.append(b)
-        table(["run", "batch_size", "tokens/s", "MFU", "peak GB"], rows)
-        print(f"\nlargest batch_size with peak <= {limit_gb} GB: {max(fits) if fits else 'none of ' + str(batches)}")
+            tps, mfu, mem, reserved = res
+            print(f"| {what} | {b} | {tps:,.0f} | {f'{mfu:.1%}' if mfu else '-'} | {mem:.2f} | "
+                  f"{f'{reserved:.2f}' if reserved is not None else '-'} |", flush=True)
+            if (reserved or mem) > limit_gb:
+                break
+            fits.append(b)
+        print(f"\nlargest batch_size with peak reserved <= {limit_gb} GB: {max(fits) if fits else 'none'}; "
+              f"bench.py gpu took {time.time() - t0:.0f} s", flush=True)
 
 
 SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step, "gpu": bench_gpu}
-CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair}
+CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process

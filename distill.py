@@ -47,12 +47,14 @@ init_from = "scratch"  # scratch | prune (cut out of the teacher: prune.py) | re
 eval_interval = 500  # evaluate and checkpoint every this many iterations, and at the end
 eval_iters = 20  # validation batches per eval: a fixed set of eval_iters * batch_size windows of val.bin
 log_interval = 10  # a train row (printed and in log.jsonl) every this many iterations
+save = True  # write ckpt.pt and, at the end, the Hugging Face export (bench.py's timing runs turn it off)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "qwen-distill"
 wandb_run_name = "student-123m"
 # teacher and loss
 teacher = "Qwen/Qwen2.5-0.5B"  # hub id or local Hugging Face directory; None: no teacher, CE only
 teacher_dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
+teacher_fp32_residual = True  # a float16 teacher adds its residual stream and norms in float32 (fp16 overflows there)
 alpha = 0.5  # weight of the KD term; 1 - alpha goes to CE on the data
 temperature = 2.0  # softens both distributions in the KD term, which is scaled by T^2 to keep its gradient's size
 kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (model.py explains each)
@@ -90,8 +92,8 @@ seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# dense peak FLOP/s per GPU, for MFU, by the student's dtype; float32 means TF32 where the GPU has it (enabled
-# below). Matched against the words of torch.cuda.get_device_name(); anything else (and CPUs) gets mfu null.
+# dense peak FLOP/s per GPU and dtype, for MFU; float32 means TF32 where the GPU has it (enabled below). Matched
+# against the words of torch.cuda.get_device_name(); anything else (and CPUs) gets mfu null.
 PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
     (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
@@ -158,6 +160,10 @@ def print0(*args, **kw):
 
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
+if device_type == "cuda" and "bfloat16" in (dtype, teacher_dtype) and auto_dtype(device) != torch.bfloat16:
+    die(f"{'dtype' if dtype == 'bfloat16' else 'teacher_dtype'}=bfloat16, but this GPU (sm"
+        f"{''.join(map(str, torch.cuda.get_device_capability(device)))}) only emulates bfloat16, slowly, and its fused "
+        f"attention does not take it: use float16")
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
@@ -292,6 +298,7 @@ if teacher is not None:
     except (OSError, ValueError) as e:
         die(f"cannot load the teacher: {e}".splitlines()[0])
     teacher_model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    teacher_model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
     tcfg = teacher_model.config
     if tcfg.vocab_size < vocab_size:
         die(f"the teacher's vocabulary ({tcfg.vocab_size} rows) is smaller than the tokenizer's ({vocab_size} ids): "
@@ -381,7 +388,7 @@ train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else N
 
 
 def save_checkpoint():
-    if not master:
+    if not master or not save:
         return
     ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -500,19 +507,25 @@ def log_row(row):  # eval rows have val_ce, train rows loss
         logger.log(row, step=row["iter"])
 
 
-peak = None
+# MFU: each part of a token's FLOPs over the peak of the dtype it runs in (a T4's float16 tensor cores are 8x its
+# float32): the student's body in dtype, its head in the float32 loss, the teacher's forward and head in
+# teacher_dtype. seconds_at_peak: what one token would take at those peaks; None on CPUs and unknown GPUs.
+seconds_at_peak = None
 if device_type == "cuda":
     words = torch.cuda.get_device_name(device).replace("-", " ").split()
-    peak = next((p.get(dtype) for names, p in PEAK_FLOPS if all(w in words for w in names)), None)
-# per token: the student's forward + backward, the teacher's forward (a third of its 6N + attention)
-flops_per_token = raw_model.flops_per_token(block_size) + (
-    teacher_model.flops_per_token(block_size) / 3 if teacher_model is not None else 0)
+    peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
+    s_body, s_head = raw_model.flops_per_token(block_size)
+    parts = [(s_body, dtype), (s_head, "float32")]
+    if teacher_model is not None:
+        parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
+    if all(d in peaks for _, d in parts):
+        seconds_at_peak = sum(f / peaks[d] for f, d in parts)
 
 
-def peak_mem_gb():  # CUDA: the most memory allocated by tensors; CPU: the process's peak RSS (Linux: KiB)
+def peak_mem_gb():  # (allocated, reserved): CUDA's most memory held by tensors and by its cache; CPU: peak RSS, None
     if device_type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        return torch.cuda.max_memory_allocated(device) / 1e9, torch.cuda.max_memory_reserved(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux reports KiB
 
 
 # Ctrl-C (and torchrun's SIGTERM) stop after the current step with a checkpoint; a second Ctrl-C aborts
@@ -589,9 +602,11 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
-        mfu = flops_per_token * tps / (world_size * peak) if peak else None
+        mfu = tps * seconds_at_peak / world_size if seconds_at_peak else None
+        mem, reserved = peak_mem_gb()
         row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher_model is not None else None,
-               "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": peak_mem_gb()}
+               "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": mem,
+               "peak_reserved_gb": reserved}
         log_row(row)
         t_log, log_from = time.time(), iter_num + 1
     iter_num += 1
@@ -606,7 +621,7 @@ while True:
 # -----------------------------------------------------------------------------
 # the end: the student as a Hugging Face directory, with the tokenizer
 
-if master:
+if master and save:
     hf_dir, tokenizer_dir = os.path.join(out_dir, "hf"), None
     if meta.get("tokenizer"):  # a local directory, or a hub id (its files are in the Hugging Face cache by now)
         try:

@@ -84,13 +84,11 @@ def apply_rope(x, cos, sin):
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-def sdpa_gqa_ok(q):
-    # SDPA's enable_gqa (torch >= 2.5) reaches a fused kernel only through flash attention: fp16/bf16 on
-    # sm80+. The memory-efficient kernel (what a T4 or fp32 gets) rejects unequal head counts and SDPA
-    # silently falls back to the math kernel, which materializes (T, T) scores. There, expand K/V instead.
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)
-            and "enable_gqa" in F.scaled_dot_product_attention.__doc__)
+# SDPA's enable_gqa (torch >= 2.5) reaches a fused kernel only through flash attention: fp16/bf16 on sm80+. The
+# memory-efficient kernel (what a T4 or fp32 gets) rejects unequal head counts and SDPA silently falls back to the
+# math kernel, which materializes (T, T) scores: there K/V are expanded instead. Decided outside forward (each check
+# inside would break torch.compile's graph): here, and per device in Transformer._apply.
+SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 class Attention(nn.Module):
@@ -104,6 +102,7 @@ class Attention(nn.Module):
         # Qwen3: one (head_dim,) weight each, shared by all heads; Identity (no parameters) otherwise
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.flash_gqa = False  # on an sm80+ GPU: set by Transformer._apply
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
@@ -117,7 +116,7 @@ class Attention(nn.Module):
         causal = T > 1
         if self.n_kv_head == self.n_head:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        elif sdpa_gqa_ok(q):
+        elif self.flash_gqa and q.dtype in (torch.float16, torch.bfloat16):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         else:
             rep = self.n_head // self.n_kv_head
@@ -146,8 +145,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        dt = self.input_layernorm.weight.dtype  # x may be float32 over float16 weights (Transformer.fp32_residual)
+        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x).to(dt))
 
 
 class KVCache:
@@ -182,6 +182,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # float16 weights with a float32 residual stream: each block computes in float16, the residual adds and the
+        # norms in float32. Qwen2 models overflow float16 in their residual stream (reported from 1.5B up).
+        self.fp32_residual = False
         self.init_rope()
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
@@ -189,18 +192,20 @@ class Transformer(nn.Module):
             print(f"Transformer: {self.num_params():,} parameters")
 
     def init_rope(self, device=None):
-        # non-persistent buffers: recomputed, never saved; called again after loading onto a device
-        device = device or self.embed_tokens.weight.device
+        # what depends on the device, set again whenever the model lands on one: the RoPE tables (non-persistent
+        # buffers, never saved) and whether GQA attention can take flash attention there
+        device = torch.device(device or self.embed_tokens.weight.device)
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        flash = SDPA_GQA and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        for block in self.layers:
+            block.self_attn.flash_gqa = flash
 
     def _apply(self, fn, recurse=True):
-        # .half()/.to(dtype) cast every floating buffer; the RoPE tables stay float32
         super()._apply(fn, recurse)
-        if self.rope_cos.dtype != torch.float32:
-            self.init_rope(self.rope_cos.device)
+        self.init_rope(self.rope_cos.device)  # .half()/.to(dtype) cast every floating buffer: RoPE stays float32
         return self
 
     @torch.no_grad()
@@ -222,11 +227,13 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
-    def flops_per_token(self, seq_len):
-        # forward + backward: 6 flops per weight (head included, embedding lookup not) plus attention scores
-        cfg = self.config
-        n = self.num_params() - (0 if cfg.tie_word_embeddings else self.embed_tokens.weight.numel())
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    def flops_per_token(self, seq_len, backward=True):
+        """Matmul FLOPs per token as (body, head): 2 per weight forward, 4 more backward, plus attention's scores and
+        weighted sum; the embedding lookup none. Two parts because distill_loss runs the heads in float32 (a
+        teacher's in its own dtype), whatever the body's compute dtype."""
+        cfg, k = self.config, (6 if backward else 2)
+        body = k * sum(p.numel() for p in self.layers.parameters()) + 2 * k * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        return body, k * cfg.vocab_size * cfg.n_embd
 
     def forward(self, idx, cache=None):
         """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied by
@@ -240,6 +247,8 @@ class Transformer(nn.Module):
         assert pos == 0 or T == 1, "the KV cache takes a prefill from position 0, then one token at a time"
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
+        if self.fp32_residual:
+            x = x.float()
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
         return self.norm(x)
@@ -535,6 +544,16 @@ def _rowdot(a, b, out):  # sum_v a * b per row: [C, V] x [C, V] -> [C, 1]; out: 
     return torch.mul(a, b, out=out).sum(-1, keepdim=True)
 
 
+def _head(h, w, out):
+    """out [C, V] float32 = h [C, D] @ w [V, D].T. A float16/bfloat16 w (a teacher's head) multiplies in its own dtype
+    with a float32 result: a float32 copy of Qwen2.5-0.5B's head would take 0.54 GB at the step's peak, and its
+    matmul would run at a T4's float32 rate, 8x slower. CUDA accumulates in float32; elsewhere the product is cast."""
+    if w.dtype == torch.float32:
+        return torch.mm(h.float(), w.T, out=out)
+    h = h.to(w.dtype)
+    return out.copy_(torch.mm(h, w.T, out_dtype=torch.float32) if w.is_cuda else torch.mm(h, w.T))
+
+
 def _kd_chunk(zs, zt, y, a, b, alpha, tau, kind, beta, need_grad):
     """The loss terms of one chunk of C valid tokens, in place in four [C, V] float32 buffers: zs holds the
     student's logits, zt the teacher's divided by tau (None: CE only), a and b are free. The comments say what
@@ -591,9 +610,9 @@ class _KDLossFn(torch.autograd.Function):
         hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
-        idx = (y != ignore_index).nonzero().squeeze(1)             # [n] valid rows (a host sync)
-        ws = w_s[:vocab].float()                                   # [vocab, D_s], once per call
-        wt = w_t[:vocab].float() if w_t is not None else None     # [vocab, D_t], no grad
+        idx = (y != ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync (n sizes the chunks)
+        ws = w_s[:vocab].float() if need_h or need_w else w_s[:vocab]  # [vocab, D_s]; the gradients' math is float32
+        wt = w_t[:vocab] if w_t is not None else None              # [vocab, D_t] in its own dtype (_head), no grad
         n, dev, f32 = idx.numel(), hs.device, torch.float32
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if need_w else None  # padding rows stay 0
@@ -606,15 +625,15 @@ class _KDLossFn(torch.autograd.Function):
             ix = idx[i:i + chunk_size]
             c = len(ix)
             h_c, y_c = hs[ix].float(), y[ix, None]                 # [c, D_s], [c, 1]
-            zs = torch.mm(h_c, ws.T, out=zs_buf[:c])               # [c, vocab] student logits
-            zt = None if ht is None else torch.mm(ht[ix].float().div_(tau), wt.T, out=zt_buf[:c])  # z_t / tau
+            zs = _head(h_c, ws, zs_buf[:c])                        # [c, vocab] student logits
+            zt = None if ht is None else _head(ht[ix] / tau, wt, zt_buf[:c])  # z_t / tau
             sums += _kd_chunk(zs, zt, y_c, a_buf[:c], b_buf[:c], alpha, tau, kind, beta, need_h or need_w)
             if need_h:                                             # zs now holds dL/dz_s
                 grad_h.index_copy_(0, ix, zs @ ws)
             if need_w:
                 grad_w[:vocab].addmm_(zs.T, h_c)
         del zs_buf, a_buf, b_buf, zt_buf
-        n_t = torch.tensor(float(n), device=dev)
+        n_t = torch.full((), float(n), device=dev)                # (a fill: no copy from the host, no sync)
         N = n_t.clamp(min=1) if norm is None else norm.clamp(min=1e-12)  # 0 tokens: loss 0, no NaN
         ce, kl, div, top1 = (sums / N).unbind()
         loss = alpha * tau * tau * div + (1 - alpha) * ce
@@ -661,7 +680,8 @@ def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_
     if normalizer is not None:
         if isinstance(normalizer, (int, float)) and normalizer < 0:
             raise ValueError(f"normalizer must be >= 0, got {normalizer}")
-        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=h_s.device)
+        normalizer = normalizer.float() if torch.is_tensor(normalizer) else \
+            torch.full((), float(normalizer), device=h_s.device)  # a Python number: a fill, not a synced copy
     grad_on = torch.is_grad_enabled()
     loss, s = _KDLossFn.apply(h_s, w_s, h_t, w_t, targets, normalizer, float(alpha),
                               float(temperature), vocab, ignore_index, kind, float(beta),

@@ -60,8 +60,10 @@ def test_writes_checkpoint_log_and_hf(straight):
     assert [r["iter"] for r in train] == list(range(40))
     assert [r["iter"] for r in evals] == [0, 10, 20, 30, 40]
     for r in train:
-        assert set(r) == {"iter", "loss", "ce", "kl", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_gb"}
+        assert set(r) == {"iter", "loss", "ce", "kl", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_gb",
+                          "peak_reserved_gb"}
         assert r["mfu"] is None and r["tokens_per_sec"] > 0 and r["peak_mem_gb"] > 0  # no MFU on a CPU
+        assert r["peak_reserved_gb"] is None  # CUDA's cache only
     assert train[0]["lr"] == pytest.approx(3e-3 / 6)  # (it + 1) / (warmup + 1): step 0 moves
     assert [("teacher_val_ce" in r) for r in evals] == [True] + [False] * 4  # once
     assert ckpt["best_val_ce"] == min(r["val_ce"] for r in evals)

@@ -290,3 +290,58 @@ def test_from_pretrained_errors(tmp_path, model_dir):
         Transformer.from_pretrained(str(bad))
     with pytest.raises(FileNotFoundError, match="pass a local directory"):
         Transformer.from_pretrained("Qwen/No-Such-Model-For-Tests")  # HF_HUB_OFFLINE=1 in conftest
+
+
+def test_compiles_to_one_graph():
+    """The attention's GQA branch is decided outside forward (on an sm80+ GPU in half precision: flash attention
+    with enable_gqa); forced here under CPU bfloat16 autocast, the model is one graph for torch.compile, and the
+    branch gives the expanded K/V's result."""
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                                intermediate_size=48, max_seq_len=32), verbose=False)
+    assert not any(b.self_attn.flash_gqa for b in m.layers)  # a CPU
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expanded = m(x)
+        for b in m.layers:
+            b.self_attn.flash_gqa = True
+        assert torch.equal(m(x), expanded)
+        explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_fp32_residual_keeps_float16_finite():
+    """A residual stream that outgrows float16 (Qwen2's massive activations, in miniature: 3e4 in one channel, then
+    two blocks adding ~2e4 each): float16 throughout gives inf; float16 blocks over a float32 residual stream match
+    the float32 model."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=48,
+                      max_seq_len=32)
+    ref = Transformer(cfg, verbose=False).eval()
+    with torch.no_grad():
+        ref.embed_tokens.weight[:, 0] = 3e4  # the normalized input is then ~sqrt(32) in channel 0 and ~0 elsewhere
+        for b in ref.layers:
+            b.self_attn.o_proj.weight.zero_()
+            for w in (b.mlp.gate_proj.weight, b.mlp.up_proj.weight):
+                w.zero_()[:, 0] = 1.0  # every neuron: silu(5.66) * 5.66 ~ 32
+            b.mlp.down_proj.weight.zero_()[0] = 13.0  # 48 neurons * 32 * 13 ~ 2e4 into channel 0
+    x = torch.randint(0, 64, (2, 16))
+    half = Transformer(cfg, verbose=False).eval()
+    half.load_state_dict(ref.state_dict())
+    half.half()
+    with torch.no_grad():
+        expected = ref(x)
+        assert not torch.isfinite(half(x)).all()  # 3e4 + 2e4 + 2e4 > 65,504
+        half.fp32_residual = True
+        h = half(x)
+    assert h.dtype == torch.float32 and torch.isfinite(h).all()
+    assert (h - expected).abs().max().item() <= 2e-3 * expected.abs().max().item()
+
+
+def test_flops_per_token():
+    with torch.device("meta"):
+        student = Transformer(CONFIGS["student-123m"], verbose=False)
+        teacher = Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False)
+    s_body, s_head = student.flops_per_token(512)
+    t_body, t_head = teacher.flops_per_token(512, backward=False)
+    assert s_head == 6 * 151_936 * 512 and t_head == 2 * 151_936 * 896  # the heads run inside the float32 loss
+    assert round((s_body + s_head + t_body + t_head) / 1e9, 2) == 1.81  # a distillation step, per token
