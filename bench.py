@@ -5,6 +5,7 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py prepare    # prepare.py vs the bare tokenizer
     python bench.py loss       # the fused distillation loss vs the plain full-logits loss
     python bench.py step       # a whole distillation step vs the same step written with transformers
+    python bench.py cache      # a step from the teacher cache vs the online step
     python bench.py gpu        # CUDA only: config/t4.py through distill.py for 20 steps, then the largest batch
 
 Timings interleave the two sides and report medians; memory sections run each side in its own process. gpu has
@@ -286,13 +287,24 @@ def hf_config(cfg):
                        use_sliding_window=False, attn_implementation="sdpa")
 
 
-def make_step(side, B, T, chunk_size):
+def make_step(side, B, T, chunk_size, cache_dir=None):
     """One training step of a side, as a function. Random weights on both sides (N(0, 0.02), not the same
-    values: a speed and memory test)."""
+    values: a speed and memory test). cached: the student alone, its teacher read from cache_dir (bench_cache)."""
     from model import CONFIGS, Transformer, distill_loss
 
     tcfg, scfg = CONFIGS["qwen2.5-0.5b"], CONFIGS["student-123m"]
-    if side == "ours":
+    if side == "cached":
+        from cache import Cache
+
+        student, cache = Transformer(scfg, verbose=False), Cache(cache_dir, T)
+        window = [0]
+
+        def loss_fn(x, y):
+            window[0] = (window[0] + 1) % (len(cache.offsets["train"]) - 1)
+            sparse = cache.batch("train", [window[0]] * B, "cpu")
+            return distill_loss(student(x), student.lm_head.weight, None, None, y, alpha=ALPHA,
+                                temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size, sparse=sparse)[0]
+    elif side == "ours":
         teacher = Transformer(tcfg, verbose=False).requires_grad_(False).eval()
         student = Transformer(scfg, verbose=False)
 
@@ -322,11 +334,11 @@ def make_step(side, B, T, chunk_size):
     return step
 
 
-def step_side(side, B, T, threads, chunk_size):
+def step_side(side, B, T, threads, chunk_size, cache_dir=None):
     """A side alone in its process: its peak RSS over two steps (AdamW's state exists from the first)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    step = make_step(side, B, T, chunk_size)
+    step = make_step(side, B, T, chunk_size, cache_dir)
     step()
     step()
     return {"rss": peak_rss()}
@@ -408,6 +420,53 @@ def gpu_checks(teacher, batch_size, block_size, device):
     return out
 
 
+def cache_pair(B, T, steps, threads, chunk_size, cache_dir):
+    """The online step and the cached step in one process, in turn: the speed ratio."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return interleaved({side: make_step(side, B, T, chunk_size, cache_dir) for side in ("ours", "cached")}, steps)
+
+
+def bench_cache(B=1, T=512, steps=5, windows=8, threads=0, chunk_size=128, samples=50):
+    """A distillation step from the teacher cache (the student alone) vs today's online step (teacher forward +
+    both heads in the loss), at the real shapes: speed from both in one process in turn, peak RSS from each alone.
+    First a cache of `windows` windows from the random Qwen2.5-0.5B-shaped teacher: its build time per token,
+    bytes per token and kept ids per token. (A random teacher is nearly uniform: at T=2 nearly every draw is a
+    new id, the cache's largest case.)"""
+    import numpy as np
+
+    import cache as cache_lib
+    from model import CONFIGS, Transformer
+
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        teacher = Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False).requires_grad_(False).eval()
+        data = torch.randint(0, VOCAB, (windows, T + 1))
+        meta = dict(vocab_size=VOCAB, temperature=TEMPERATURE, cache_samples=samples, cache_topk=0)
+        t0 = time.perf_counter()
+        cache_lib.build(d, teacher, lambda split, w: (data[w, :-1], data[w, 1:]), {"train": windows, "val": 1},
+                        meta, 4, 0)
+        cache_lib.join(d, 1, meta)
+        build = (time.perf_counter() - t0) / ((windows + 1) * T)
+        del teacher
+        tokens = np.fromfile(os.path.join(d, "train.tokens.bin"), dtype=cache_lib.TOKEN)
+        size = sum(os.path.getsize(os.path.join(d, f"train.{k}.bin")) for k in ("entries", "tokens")) / len(tokens)
+        args = dict(B=B, T=T, threads=threads, chunk_size=chunk_size, cache_dir=d)
+        times = run_child(cache_pair, steps=steps, **args)
+        rss = {side: run_child(step_side, side=side, **args)["rss"] for side in ("ours", "cached")}
+    print(f"B={B}, T={T}, float32, CPU ({machine()}); speed: both in one process, a step of each in turn, medians of "
+          f"{steps} after a warm-up; peak RSS: each alone in a fresh process; chunk_size={chunk_size}. The cache: "
+          f"{samples} draws per token at T={TEMPERATURE}, {tokens['n'].mean():.1f} kept ids per token (max "
+          f"{tokens['n'].max()}), {size:.1f} bytes per token, built at {build * 1e3:.2f} ms per token\n")
+    table(["one training step", "tokens/s", "peak RSS GB", "speed vs online", "RSS vs online"],
+          [[name, f"{B * T / times[side]:.1f}", f"{rss[side] / 1e9:.2f}", f"{times['ours'] / times[side]:.2f}x",
+            f"{rss[side] / rss['ours']:.2f}x"]
+           for name, side in (("online: the teacher's forward, both heads in the loss", "ours"),
+                              ("from the cache: the student alone, t_hat of the sampled ids", "cached"))])
+
+
 def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cuda", teacher=None, timeout=300,
               **flags):
     """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) through distill.py itself, with
@@ -485,8 +544,10 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cud
               f"bench.py gpu took {time.time() - t0:.0f} s", flush=True)
 
 
-SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step, "gpu": bench_gpu}
-CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks}
+SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step,
+            "cache": bench_cache, "gpu": bench_gpu}
+CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks,
+            "cache_pair": cache_pair}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process

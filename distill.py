@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from configurator import at_least, between, check, configure, one_of
 from model import DTYPES, KD_KINDS, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, distill_loss, \
@@ -59,6 +60,9 @@ alpha = 0.5  # weight of the KD term; 1 - alpha goes to CE on the data
 temperature = 2.0  # softens both distributions in the KD term, which is scaled by T^2 to keep its gradient's size
 kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (model.py explains each)
 kd_beta = 0.5  # jsd only: the mixture weight
+teacher_cache = None  # a directory: the teacher runs once into a sampled cache there (cache.py), then trains without it
+cache_samples = 50  # teacher_cache: draws per token from the teacher's distribution at the temperature (<= 255)
+cache_topk = 0  # teacher_cache: > 0 keeps the teacher's k most likely ids instead (biased: for comparison)
 kd_chunk_size = 128  # tokens per chunk of the fused loss, which holds a few (chunk, V) float32 buffers (78 MB each)
 prune_windows = 256  # init_from=prune: windows of train.bin on which the teacher's activations rank its pieces
 prune_layers = "importance"  # init_from=prune: the layers kept: importance (1 - cos(input, output)) | even
@@ -107,7 +111,6 @@ PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
 ]
 
 
-
 def die(msg):  # one clear line and a non-zero exit, printed once under torchrun
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -123,6 +126,8 @@ check(config, {
     "eval_interval": at_least(1), "eval_iters": at_least(1), "log_interval": at_least(1),
     "teacher_dtype": one_of("auto", *DTYPES), "alpha": between(0, 1), "temperature": between(0, math.inf, "()"),
     "kd_kind": one_of(*KD_KINDS), "kd_beta": between(0, 1, "()"), "kd_chunk_size": at_least(1),
+    "teacher_cache": ((lambda v: v is None or isinstance(v, str) and v != ""), "a directory or None"),
+    "cache_samples": between(1, 255), "cache_topk": between(0, 255),
     "prune_windows": at_least(1), "prune_layers": one_of("importance", "even"), "prune_width": one_of("importance", "even"),
     "n_layer": at_least(1), "n_head": at_least(1), "n_kv_head": at_least(1), "n_embd": at_least(1),
     "intermediate_size": at_least(1), "block_size": at_least(1), "batch_size": at_least(1),
@@ -135,6 +140,10 @@ if n_embd % n_head or n_head % n_kv_head:
     die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
 if init_from == "prune" and teacher is None:
     die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
+if teacher_cache and (teacher is None or kd_kind != "forward_kl"):
+    die(f"teacher_cache keeps samples of a teacher's distribution, which forward_kl learns from; teacher={teacher!r}, "
+        f"kd_kind={kd_kind!r}: give a teacher and forward_kl, or drop --teacher_cache (reverse_kl and jsd need the "
+        f"whole teacher)")
 if min_lr > learning_rate:
     die(f"min_lr={min_lr} exceeds learning_rate={learning_rate}: the schedule decays to min_lr")
 
@@ -171,17 +180,17 @@ if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
 
-# out_dir: writable, and no earlier run in it is lost to a forgotten --init_from=resume
+# out_dir: writable, and no earlier run in it is lost to a forgotten --init_from=resume (every process checks, so
+# that all stop together)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        die(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir")
-    if init_from != "resume" and os.path.exists(ckpt_path):
-        die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in another "
-            f"--out_dir (or delete it)")
+try:
+    os.makedirs(out_dir, exist_ok=True)
+    tempfile.TemporaryFile(dir=out_dir).close()
+except OSError as e:
+    die(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir")
+if init_from != "resume" and os.path.exists(ckpt_path):
+    die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in another "
+        f"--out_dir (or delete it)")
 
 # -----------------------------------------------------------------------------
 # data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
@@ -212,15 +221,16 @@ def n_windows(split):
 
 
 def load_windows(split, windows):
-    """Window indices -> x, y (len, block_size) int64 on the device; y is x shifted by one token."""
+    """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one token, and the cached
+    teacher of those windows (a dict for distill_loss's sparse argument; None without a complete teacher cache)."""
     # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in the process's memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
     w = torch.from_numpy(np.stack([data[i * (block_size + 1):(i + 1) * (block_size + 1)] for i in windows])
                          .astype(np.int64))
     x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     if device_type == "cuda":  # pinned, so the copy runs while the GPU is busy
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device), cached.batch(split, windows, device) if cached else None
 
 
 windows_per_iter = batch_size * gradient_accumulation_steps * world_size
@@ -288,8 +298,20 @@ def check_tokenizers(teacher_dir):
         f"teacher's tokenizer (python prepare.py --tokenizer={teacher} ...) or choose a teacher of the data's")
 
 
-teacher_model, w_t = None, None
-if teacher is not None:
+# the teacher cache (cache.py): checked against what it was built from before anything loads, built on first use
+cached, cache_state = None, None
+if teacher_cache:
+    import cache as cache_lib
+    cache_meta = dict(version=cache_lib.VERSION, teacher=teacher, tokenizer=meta.get("tokenizer"),
+                      temperature=float(temperature), block_size=block_size, cache_samples=cache_samples,
+                      cache_topk=cache_topk, seed=seed, vocab_size=vocab_size,
+                      **{s: cache_lib.fingerprint(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")})
+    cache_state = cache_lib.state(teacher_cache, cache_meta)
+    if cache_state not in ("complete", "absent"):
+        die(cache_state)
+
+teacher_model, w_t, tcfg = None, None, None
+if teacher is not None and (cache_state != "complete" or init_from == "prune"):
     try:
         teacher_dir = resolve_pretrained(teacher)
         check_tokenizers(teacher_dir)
@@ -306,6 +328,9 @@ if teacher is not None:
     if block_size > tcfg.max_seq_len:
         die(f"block_size {block_size} exceeds the teacher's max_seq_len {tcfg.max_seq_len}")
     w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, a chunk of tokens at a time
+if cache_state == "complete" and tcfg is None:  # the teacher is not loaded: its shape comes from the cache
+    with open(os.path.join(teacher_cache, "meta.json")) as f:
+        tcfg = ModelConfig(**json.load(f)["teacher_config"])
 
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
@@ -318,15 +343,43 @@ if init_from == "resume":
 else:
     model_args = asdict(ModelConfig(
         # the teacher's vocabulary (padding rows included); without one, the tokenizer's rounded up to 64
-        vocab_size=teacher_model.config.vocab_size if teacher_model else -(-vocab_size // 64) * 64,
+        vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64,
         n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
         intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
-        rope_theta=teacher_model.config.rope_theta if teacher_model else ModelConfig.rope_theta,
-        rms_norm_eps=teacher_model.config.rms_norm_eps if teacher_model else ModelConfig.rms_norm_eps))
+        rope_theta=tcfg.rope_theta if tcfg else ModelConfig.rope_theta,
+        rms_norm_eps=tcfg.rms_norm_eps if tcfg else ModelConfig.rms_norm_eps))
 if block_size > model_args["max_seq_len"]:
     die(f"block_size {block_size} exceeds the student's max_seq_len {model_args['max_seq_len']}")
 if model_args["vocab_size"] < vocab_size:
     die(f"the student's vocabulary ({model_args['vocab_size']} rows) is smaller than the tokenizer's ({vocab_size})")
+
+if init_from == "prune":
+    from prune import check
+    if problem := check(tcfg, ModelConfig(**model_args)):
+        die(f"init_from=prune: {problem}")
+
+if cache_state == "absent":
+    t0 = time.time()
+    bar = tqdm(total=(n_train + n_val) * block_size, unit=" tokens", desc=f"teacher cache {teacher_cache}",
+               disable=not master or None)
+    cache_lib.build(teacher_cache, teacher_model, lambda split, w: load_windows(split, w)[:2],
+                    {"train": n_train, "val": n_val}, dict(cache_meta, teacher_config=asdict(tcfg)), batch_size,
+                    seed, rank, world_size, progress=lambda split, n: bar.update(n * world_size))
+    bar.close()
+    if ddp:
+        dist.barrier()
+    if master:
+        cache_lib.join(teacher_cache, world_size, dict(cache_meta, teacher_config=asdict(tcfg)))
+    if ddp:
+        dist.barrier()
+    size = sum(os.path.getsize(os.path.join(teacher_cache, f"{s}.{k}.bin")) for s in ("train", "val")
+               for k in ("entries", "tokens"))
+    print0(f"built the teacher cache {teacher_cache} in {time.time() - t0:.0f} s: "
+           f"{size / ((n_train + n_val) * block_size):.1f} bytes per token")
+if teacher_cache:
+    cached = cache_lib.Cache(teacher_cache, block_size)
+    print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its samples "
+           f"(unbiased), teacher_val_ce and val_top1 exact")
 
 
 def cut_from_teacher(cfg):
@@ -348,15 +401,16 @@ def cut_from_teacher(cfg):
 
 
 if init_from == "prune":
-    from prune import check
-    if problem := check(teacher_model.config, ModelConfig(**model_args)):
-        die(f"init_from=prune: {problem}")
     raw_model = cut_from_teacher(ModelConfig(**model_args))
 else:
     raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 (master weights under autocast)
 if init_from == "resume":
     raw_model.load_state_dict(ckpt["model"])
 raw_model.to(device)
+if cached is not None and teacher_model is not None:  # built the cache (or pruned from it): the cache takes over
+    teacher_model = w_t = None
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
 
 # -----------------------------------------------------------------------------
 # optimizer, GradScaler, resume
@@ -411,12 +465,13 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def loss_fn(h_s, h_t, y, normalizer):
+def loss_fn(h_s, h_t, y, normalizer, teacher_out=None):
     # outside autocast: the loss runs in float32 whatever the student's dtype. It applies both heads itself, a
-    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor)
+    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor). teacher_out: the
+    # teacher cache's sampled teacher, instead of h_t
     return distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha, temperature=temperature,
                         vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta,
-                        normalizer=normalizer)
+                        normalizer=normalizer, sparse=teacher_out)
 
 
 def all_reduce(stats):
@@ -446,11 +501,13 @@ def evaluate():
     global teacher_val_ce
     sums = {k: torch.zeros((), device=device) for k in ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")}
     for i in range(0, len(my_val_windows), batch_size):
-        x, y = load_windows("val", my_val_windows[i:i + batch_size])
+        x, y, teacher_out = load_windows("val", my_val_windows[i:i + batch_size])
         with autocast:
             h_s = model(x)  # no dropout: train and eval modes are the same
         h_t = teacher_model(x) if teacher_model is not None else None
-        _, s = loss_fn(h_s, h_t, y, 1.0)
+        _, s = loss_fn(h_s, h_t, y, 1.0, teacher_out)
+        if teacher_out is not None and teacher_val_ce is None:  # the cache holds the teacher's CE on each label
+            sums["teacher_ce"] += teacher_out["ce"][y != -100].sum()
         for k in s.keys() & sums.keys():
             sums[k] += s[k]
         if h_t is not None:
@@ -460,11 +517,13 @@ def evaluate():
                                                    chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
     r = all_reduce(sums)
     check_finite("val_ce", r["ce"], r["bad_teacher"])
-    n, has_teacher = r["n"], teacher_model is not None
+    n, has_teacher = r["n"], teacher_model is not None or cached is not None
     row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
            "val_kl": r["kl"] / n if has_teacher else None, "val_top1": r["top1"] / n if has_teacher else None}
     if has_teacher and teacher_val_ce is None:
         teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
+        if cached is not None:
+            row["kl_estimated"] = True  # from the cache's samples: unbiased, not exact
     return row
 
 
@@ -565,12 +624,12 @@ while True:
         group["lr"] = lr
     # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP averages
     # gradients over processes, so each passes global / world_size and the gradient is the global mean
-    n_tokens = sum((y != -100).sum() for _, y in batches).float()  # on the device: no sync
+    n_tokens = sum((y != -100).sum() for _, y, _ in batches).float()  # on the device: no sync
     if ddp:
         dist.all_reduce(n_tokens)
     normalizer = n_tokens / world_size
     stats = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kl", "bad_teacher")}
-    for micro, (x, y) in enumerate(batches):
+    for micro, (x, y, teacher_out) in enumerate(batches):
         if ddp:  # all-reduce the gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
@@ -580,7 +639,7 @@ while True:
             with torch.no_grad():
                 h_t = teacher_model(x)  # (B, T, D_t)
             stats["bad_teacher"] += (~torch.isfinite(h_t)).any()
-        loss, s = loss_fn(h_s, h_t, y, normalizer)
+        loss, s = loss_fn(h_s, h_t, y, normalizer, teacher_out)
         scaler.scale(loss).backward()
         stats["loss"] += loss.detach()
         stats["ce"] += s["ce"]

@@ -554,12 +554,26 @@ def _head(h, w, out):
     return out.copy_(torch.mm(h, w.T, out_dtype=torch.float32) if w.is_cuda else torch.mm(h, w.T))
 
 
-def _kd_chunk(zs, zt, y, a, b, alpha, tau, kind, beta, need_grad):
+def _kd_chunk(zs, zt, y, a, b, alpha, tau, kind, beta, need_grad, sparse=None):
     """The loss terms of one chunk of C valid tokens, in place in four [C, V] float32 buffers: zs holds the
-    student's logits, zt the teacher's divided by tau (None: CE only), a and b are free. The comments say what
-    each buffer holds from that line on. With need_grad, zs ends holding dL/dz_s of the unnormalized loss.
-    Returns the chunk's sums [ce, kl, div, top1] (the last three 0 without a teacher)."""
-    if zt is None:
+    student's logits, zt the teacher's divided by tau (None: CE only, or a sparse teacher), a and b are free. The
+    comments say what each buffer holds from that line on. With need_grad, zs ends holding dL/dz_s of the
+    unnormalized loss. sparse: a sampled teacher (ids, t_hat, entropy, argmax; see distill_loss). Returns the
+    chunk's sums [ce, kl, div, top1] (the last three 0 without a teacher)."""
+    if sparse is not None:  # forward KL from t_hat; its gradient tau (p_s - t_hat) is tau (p_s - p_t) in expectation
+        ids, t_hat, entropy, argmax = sparse                 # [C, K], [C, K] (zero-padded), [C, 1], [C, 1]
+        top1 = (zs.gather(1, argmax) >= zs.amax(-1, keepdim=True)).sum().float()
+        log_ps = torch.log_softmax(zs.div_(tau), -1, out=a)  # a: log p_s; zs: free
+        kl = div = -(t_hat * log_ps.gather(1, ids)).sum(-1, keepdim=True) - entropy  # CE(t_hat, p_s) - H(p_t)
+        k = tau
+        torch.exp(log_ps, out=zs).scatter_add_(1, ids, -t_hat)  # zs: p_s - t_hat
+        kl = div = kl.sum()
+        if tau == 1:
+            log_q = log_ps
+        else:                                                # b: log softmax(tau * log p_s) = log softmax(z_s)
+            log_q = torch.mul(log_ps, tau, out=b)
+            log_q.sub_(log_q.logsumexp(-1, keepdim=True))
+    elif zt is None:
         log_q = torch.log_softmax(zs, -1, out=a)             # a: log softmax(z_s)
         kl = div = top1 = zs.new_zeros(())
     else:  # the student agrees if its logit at the teacher's argmax is its largest (argmax is slow)
@@ -606,7 +620,7 @@ class _KDLossFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, targets, norm, alpha, tau, vocab, ignore_index, kind,
-                beta, chunk_size, need_h, need_w):
+                beta, chunk_size, need_h, need_w, sparse):
         hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
@@ -627,7 +641,8 @@ class _KDLossFn(torch.autograd.Function):
             h_c, y_c = hs[ix].float(), y[ix, None]                 # [c, D_s], [c, 1]
             zs = _head(h_c, ws, zs_buf[:c])                        # [c, vocab] student logits
             zt = None if ht is None else _head(ht[ix] / tau, wt, zt_buf[:c])  # z_t / tau
-            sums += _kd_chunk(zs, zt, y_c, a_buf[:c], b_buf[:c], alpha, tau, kind, beta, need_h or need_w)
+            sp = None if sparse is None else [t[ix] for t in sparse]
+            sums += _kd_chunk(zs, zt, y_c, a_buf[:c], b_buf[:c], alpha, tau, kind, beta, need_h or need_w, sp)
             if need_h:                                             # zs now holds dL/dz_s
                 grad_h.index_copy_(0, ix, zs @ ws)
             if need_w:
@@ -653,14 +668,17 @@ class _KDLossFn(torch.autograd.Function):
             grad_h = grad_h.mul_(scale).view(ctx.h_meta[0]).to(ctx.h_meta[1])
         if grad_w is not None:
             grad_w = grad_w.mul_(scale).to(ctx.w_dtype)
-        return (grad_h, grad_w) + (None,) * 13
+        return (grad_h, grad_w) + (None,) * 14
 
 
 def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_size=None,
-                 ignore_index=-100, kind="forward_kl", chunk_size=256, beta=0.5, normalizer=None):
+                 ignore_index=-100, kind="forward_kl", chunk_size=256, beta=0.5, normalizer=None, sparse=None):
     """Fused chunked distillation loss, see the comment above. h_s [B, T, D_s] student hidden
     states after the final norm, w_s [V, D_s] student head; h_t [B, T, D_t], w_t [V, D_t] teacher's
     (no gradient; both None -> CE only, needs alpha == 0); targets [B, T] (int64).
+    sparse: instead of h_t, w_t, a sampled teacher (cache.py), forward_kl only: a dict of ids [B, T, K] (int64)
+    and t_hat [B, T, K] (float32, zero-padded, each token's summing to 1), entropy [B, T] (the teacher's, at the
+    temperature) and argmax [B, T]; kl and div are then the unbiased estimate CE(t_hat, p_s) - entropy.
     normalizer: number or 0-dim tensor to divide the summed terms by (default: valid tokens here).
     Returns (loss, stats), stats of detached 0-dim float32 tensors: ce, kl (always forward KL at
     this temperature, without tau^2), div (the `kind` divergence), top1 (student/teacher argmax
@@ -673,8 +691,10 @@ def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError("jsd needs 0 < beta < 1 (its ends are 0; use forward_kl/reverse_kl)")
-    if (h_t is None) != (w_t is None) or (h_t is None and alpha != 0):
+    if (h_t is None) != (w_t is None) or (h_t is None and sparse is None and alpha != 0):
         raise ValueError("without a teacher (h_t = w_t = None) only CE is computed: alpha = 0")
+    if sparse is not None and (h_t is not None or kind != "forward_kl"):
+        raise ValueError("a sparse (sampled) teacher replaces h_t and w_t, and takes forward_kl only")
     vocab = w_s.shape[0] if vocab_size is None else vocab_size
     assert 0 < vocab <= w_s.shape[0] and (w_t is None or vocab <= w_t.shape[0])
     if normalizer is not None:
@@ -686,7 +706,9 @@ def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_
     loss, s = _KDLossFn.apply(h_s, w_s, h_t, w_t, targets, normalizer, float(alpha),
                               float(temperature), vocab, ignore_index, kind, float(beta),
                               int(chunk_size), grad_on and h_s.requires_grad,
-                              grad_on and w_s.requires_grad)
-    if h_t is None:
+                              grad_on and w_s.requires_grad, None if sparse is None else [
+                                  sparse[k].reshape(-1, *sparse[k].shape[2:]) if k in ("ids", "t_hat") else
+                                  sparse[k].reshape(-1, 1) for k in ("ids", "t_hat", "entropy", "argmax")])
+    if h_t is None and sparse is None:
         return loss, {"ce": s[0], "n": s[4]}
     return loss, {"ce": s[0], "kl": s[1], "div": s[2], "top1": s[3], "n": s[4]}

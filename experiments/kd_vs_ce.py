@@ -11,7 +11,9 @@ beat a random start? A small answer that anyone can reproduce on a CPU.
 3. Per seed, the same student trained in each arm, with the same data, steps and seed:
    kd     distilled from the teacher (alpha 0.5, T 2.0), from a random start;
    ce     CE only (alpha 0: the teacher is still loaded, so val_kl and val_top1 are measured, but adds nothing);
-   prune  distilled as kd, starting from the teacher's pruned weights (init_from=prune), at its own learning rate.
+   prune  distilled as kd, starting from the teacher's pruned weights (init_from=prune), at its own learning rate;
+   cache  distilled as kd, from a sampled teacher cache (teacher_cache: 50 draws per token), one per seed;
+   topk   distilled as kd, from a top-k teacher cache of about the same bytes per token (--topk ids).
    An arm NAME:key=value,key=value adds distill.py settings to arm NAME (its own runs and row): prune:prune_layers=even.
 4. A table of the last eval, mean ± standard deviation over the seeds: val CE at step 0 and at the end,
    perplexity, KL to the teacher, top-1 agreement, and the steps each arm took to reach the kd arm's final val CE
@@ -57,11 +59,15 @@ METRICS = [("val_ce", "val CE"), ("val_ppl", "val ppl"), ("val_kl", "val KL to t
            ("val_top1", "top-1 agreement")]
 
 
-def arms(alpha, prune_lr):
+def arms(alpha, prune_lr, topk):  # {out} and {seed} in a setting's value: the run's
     return {"kd": (f"distilled (alpha {alpha})", dict(alpha=alpha)),
             "ce": ("CE only (alpha 0)", dict(alpha=0.0)),
             "prune": (f"pruned, then distilled (lr {prune_lr:g})",
-                      dict(alpha=alpha, init_from="prune", learning_rate=prune_lr))}
+                      dict(alpha=alpha, init_from="prune", learning_rate=prune_lr)),
+            "cache": ("distilled from a sampled teacher cache (50 draws)",
+                      dict(alpha=alpha, teacher_cache="{out}/cache_seed{seed}")),
+            "topk": (f"distilled from a top-{topk} teacher cache",
+                     dict(alpha=alpha, teacher_cache="{out}/topk{topk}_seed{seed}", cache_topk=topk))}
 
 
 def train_tokenizer(texts, out_dir, vocab_size):
@@ -103,6 +109,32 @@ def evals(out_dir):
         return [r for r in map(json.loads, f) if "val_ce" in r]
 
 
+def exact_eval(run_dir, teacher_dir, data_dir, train, temperature):
+    """val_kl and val_top1 of a run's student against the teacher itself, on distill.py's val windows: for the runs
+    that trained from a cache, whose own log holds the cache's estimate (and, for top-k, no estimate of KL at all)."""
+    import numpy as np
+    import torch
+
+    from model import Transformer, distill_loss
+
+    t, s = (Transformer.from_pretrained(os.path.join(d, "hf"), verbose=False) for d in (teacher_dir, run_dir))
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    block, batch = train["block_size"], train["batch_size"]
+    val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=meta["dtype"]).astype(np.int64)
+    n = len(val) // (block + 1)
+    count = min(train["eval_iters"] * batch, n)
+    windows = torch.from_numpy(val[:n * (block + 1)].reshape(n, block + 1)[np.arange(count) * n // count])
+    kl = top1 = tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, count, batch):
+            x, y = windows[i:i + batch, :-1], windows[i:i + batch, 1:]
+            _, st = distill_loss(s(x), s.lm_head.weight, t(x), t.lm_head.weight, y, temperature=temperature,
+                                 vocab_size=meta["vocab_size"], normalizer=1)
+            kl, top1, tokens = kl + st["kl"].item(), top1 + st["top1"].item(), tokens + st["n"].item()
+    return kl / tokens, top1 / tokens
+
+
 def mean_sd(values, digits=3):
     m = statistics.mean(values)
     return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
@@ -119,10 +151,12 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5, help="the distilled students' alpha")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--prune_lr", type=float, help="the pruned start's learning rate (default: the size's)")
+    p.add_argument("--topk", type=int, default=49, help="the topk arm's ids per token: as many as the sampled cache "
+                   "keeps on average (49 of 50 draws for the full size's teacher at T 2)")
     p.add_argument("--jobs", type=int, default=1, help="students trained at once (each on cores / jobs threads)")
     args = p.parse_args()
     size = SIZES[args.size]
-    known = arms(args.alpha, args.prune_lr or PRUNE_LR[args.size])
+    known = arms(args.alpha, args.prune_lr or PRUNE_LR[args.size], args.topk)
     specs = {}
     for spec in args.arms:
         name, _, extra = spec.partition(":")
@@ -164,8 +198,13 @@ def main():
         shutil.rmtree(run_dir, ignore_errors=True)  # retrained: distill.py would refuse to start over an earlier run
         run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
                                     f"--temperature={args.temperature}", *flags(size["student"]),
-                                    *flags(specs[name][1])], run_dir + ".log", threads)
-        return evals(run_dir)
+                                    *(f.format(out=out, seed=seed, topk=args.topk) for f in flags(specs[name][1]))],
+            run_dir + ".log", threads)
+        rows = evals(run_dir)
+        if "teacher_cache" in specs[name][1]:  # its val_kl is the cache's estimate: measure against the teacher
+            rows[-1]["val_kl"], rows[-1]["val_top1"] = exact_eval(run_dir, teacher_dir, data_dir, size["train"],
+                                                                  args.temperature)
+        return rows
 
     jobs = [(name, seed) for seed in args.seeds for name in specs]
     with ThreadPoolExecutor(args.jobs) as pool:
