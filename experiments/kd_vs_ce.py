@@ -59,10 +59,10 @@ METRICS = [("val_ce", "val CE"), ("val_ppl", "val ppl"), ("val_kl", "val KL to t
            ("val_top1", "top-1 agreement")]
 
 
-def arms(alpha, prune_lr, topk):  # {out} and {seed} in a setting's value: the run's
-    return {"kd": (f"distilled (alpha {alpha})", dict(alpha=alpha)),
+def arms(alpha, prune_lr, topk):  # {out} and {seed} in a setting's value: the run's; labels take the settings
+    return {"kd": ("distilled (alpha {alpha})", dict(alpha=alpha)),
             "ce": ("CE only (alpha 0)", dict(alpha=0.0)),
-            "prune": (f"pruned, then distilled (lr {prune_lr:g})",
+            "prune": ("pruned, then distilled (lr {learning_rate})",
                       dict(alpha=alpha, init_from="prune", learning_rate=prune_lr)),
             "cache": ("distilled from a sampled teacher cache (50 draws)",
                       dict(alpha=alpha, teacher_cache="{out}/cache_seed{seed}")),
@@ -163,8 +163,10 @@ def main():
         if name not in known:
             raise SystemExit(f"kd_vs_ce.py: error: unknown arm {name!r}; one of {', '.join(known)}")
         label, settings = known[name]
-        settings = dict(settings, **dict(kv.split("=", 1) for kv in extra.split(",") if kv))
-        specs[spec.replace(":", "_").replace(",", "_")] = (label + (f", {extra}" if extra else ""), settings)
+        given = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+        settings = dict(settings, **given)
+        label = label.format(**settings) + "".join(f", {k}={v}" for k, v in given.items() if "{" + k + "}" not in label)
+        specs[spec.replace(":", "_").replace(",", "_")] = (label, settings)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     from prepare import find_files, read_files
