@@ -155,6 +155,33 @@ def load_tokenizer(name):
                          f"characters that do not decode back): is it a tokenizer directory (tokenizer.json)?")
     return tok, eos
 
+# Qwen2's normalization and pre-tokenization, as its tokenizer.json states them. A small BPE trained with them
+# encodes alike when transformers loads it as itself and when, beside a qwen2 config.json (an exported model),
+# it loads it as Qwen2Tokenizer, which always rebuilds this pipeline around the vocabulary.
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_bpe(texts, out_dir, vocab_size, eos="<|endoftext|>", bos=None):
+    """A byte-level BPE of vocab_size ids trained on texts, Qwen2's pipeline, eos as id 0, saved as a transformers
+    tokenizer directory: a CPU-sized stand-in for Qwen's (the experiments and the tests train theirs). bos: a BOS
+    added after training (the next id) and prepended by default, as DeepSeek-R1-Distill-Qwen's tokenizer does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.add_special_tokens([bos])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=eos).save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
 # -----------------------------------------------------------------------------
 # tokens out
 

@@ -6,7 +6,7 @@ beat a random start? A small answer that anyone can reproduce on a CPU.
     python experiments/kd_vs_ce.py --arms kd prune prune:learning_rate=5e-4 --seeds 1 2 3 --jobs 2
     python experiments/kd_vs_ce.py --size=tiny          # a one-minute smoke run (the test suite runs it)
 
-1. A byte-level BPE tokenizer trained on the corpus (a CPU-sized vocabulary), then prepare.py with it.
+1. A byte-level BPE tokenizer of Qwen2's pipeline trained on the corpus (a CPU-sized vocabulary), then prepare.py.
 2. A teacher trained as a plain language model (distill.py --teacher=None), exported to OUT/teacher/hf.
 3. Per seed, the same student trained in each arm, with the same data, steps and seed:
    kd     distilled from the teacher (alpha 0.5, T 2.0), from a random start;
@@ -68,22 +68,6 @@ def arms(alpha, prune_lr, topk):  # {out} and {seed} in a setting's value: the r
                       dict(alpha=alpha, teacher_cache="{out}/cache_seed{seed}")),
             "topk": (f"distilled from a top-{topk} teacher cache",
                      dict(alpha=alpha, teacher_cache="{out}/topk{topk}_seed{seed}", cache_topk=topk))}
-
-
-def train_tokenizer(texts, out_dir, vocab_size):
-    """A byte-level BPE with <|endoftext|> (id 0) as EOS, saved as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out_dir)
-    return out_dir
 
 
 def run(script, args, log_path, threads=None):
@@ -169,13 +153,13 @@ def main():
         specs[spec.replace(":", "_").replace(",", "_")] = (label, settings)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    from prepare import find_files, read_files
+    from prepare import find_files, read_files, train_bpe
 
     # 1. tokenizer and data
     tok_dir, data_dir = os.path.join(out, "tokenizer"), os.path.join(out, "data")
     print(f"kd_vs_ce ({args.size}): {args.corpus} -> {out}", flush=True)
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        train_tokenizer(read_files(find_files([args.corpus]), "text"), tok_dir, size["vocab"])
+        train_bpe(read_files(find_files([args.corpus]), "text"), tok_dir, size["vocab"])
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         run("prepare.py", [f"--input={args.corpus}", f"--tokenizer={tok_dir}", f"--out_dir={data_dir}"],
             os.path.join(out, "prepare.log"))

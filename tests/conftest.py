@@ -25,23 +25,10 @@ CORPUS = [
 
 
 def make_tokenizer(out_dir, texts=CORPUS, vocab_size=300, eos="<|endoftext|>", bos=None):
-    """A byte-level BPE trained on texts (lossless, like Qwen's), saved as a transformers tokenizer directory
-    with eos (id 0) as EOS. bos: a BOS token added after training (the next id) and prepended to every encoding
-    by default, as DeepSeek-R1-Distill-Qwen's tokenizer does on top of Qwen's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A tiny BPE of Qwen2's pipeline (prepare.train_bpe), eos as id 0; bos: one added and prepended by default."""
+    from prepare import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    if bos:
-        tok.add_special_tokens([bos])
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos).save_pretrained(str(out_dir))
-    return str(out_dir)
+    return train_bpe(texts, out_dir, vocab_size, eos, bos)
 
 
 def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):
