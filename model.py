@@ -102,7 +102,7 @@ class Attention(nn.Module):
         # Qwen3: one (head_dim,) weight each, shared by all heads; Identity (no parameters) otherwise
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.flash_gqa = False  # on an sm80+ GPU: set by Transformer._apply
+        self.flash_gqa = False  # True on an sm80+ GPU: set by Transformer.init_rope
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
@@ -232,8 +232,8 @@ class Transformer(nn.Module):
         weighted sum; the embedding lookup none. Two parts because distill_loss runs the heads in float32 (a
         teacher's in its own dtype), whatever the body's compute dtype."""
         cfg, k = self.config, (6 if backward else 2)
-        body = k * sum(p.numel() for p in self.layers.parameters()) + 2 * k * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-        return body, k * cfg.vocab_size * cfg.n_embd
+        attention = 2 * k * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        return k * sum(p.numel() for p in self.layers.parameters()) + attention, k * cfg.vocab_size * cfg.n_embd
 
     def forward(self, idx, cache=None):
         """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied by
@@ -271,7 +271,7 @@ class Transformer(nn.Module):
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self.lm_head(h).float()
+            logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()  # (h is float32 with fp32_residual)
             nxt = sample_next(logits, temperature, top_k, top_p)
             yield nxt
             if eos_id is not None:

@@ -335,6 +335,7 @@ def test_fp32_residual_keeps_float16_finite():
         h = half(x)
     assert h.dtype == torch.float32 and torch.isfinite(h).all()
     assert (h - expected).abs().max().item() <= 2e-3 * expected.abs().max().item()
+    assert half.generate(x[:1, :4], 3, temperature=0).shape == (1, 7)  # float32 hidden states, float16 head
 
 
 def test_flops_per_token():
