@@ -20,7 +20,8 @@ beat a random start? A small answer that anyone can reproduce on a CPU.
    (seed by seed). Also written to OUT/results.md and OUT/results.json; plot.py draws the runs.
 
 Each step runs the project's own scripts as a user would; their output goes to OUT/*.log. OUT keeps the tokenizer,
-the data and the teacher: a rerun reuses them (delete them to rebuild) and retrains every student it is asked for.
+the data, the teacher and every finished student: a rerun into the same OUT reuses them and trains only what is
+missing (an interrupted run starts over). Delete a folder to rebuild it, or give a new OUT after changing settings.
 """
 
 import argparse
@@ -181,11 +182,15 @@ def main():
     def student(job):
         name, seed = job
         run_dir = os.path.join(out, f"{name}_seed{seed}")
-        shutil.rmtree(run_dir, ignore_errors=True)  # retrained: distill.py would refuse to start over an earlier run
-        run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
-                                    f"--temperature={args.temperature}", *flags(size["student"]),
-                                    *(f.format(out=out, seed=seed, topk=args.topk) for f in flags(specs[name][1]))],
-            run_dir + ".log", threads)
+        if os.path.exists(os.path.join(run_dir, "hf", "model.safetensors")):  # exported at the end: finished
+            print(f"  {name}_seed{seed}: reusing {run_dir}", flush=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted one: distill.py refuses to start over it
+            run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
+                                        f"--temperature={args.temperature}", *flags(size["student"]),
+                                        *(f.format(out=out, seed=seed, topk=args.topk)
+                                          for f in flags(specs[name][1]))],
+                run_dir + ".log", threads)
         rows = evals(run_dir)
         if "teacher_cache" in specs[name][1]:  # its val_kl is the cache's estimate: measure against the teacher
             rows[-1]["val_kl"], rows[-1]["val_top1"] = exact_eval(run_dir, teacher_dir, data_dir, size["train"],
