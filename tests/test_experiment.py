@@ -31,3 +31,13 @@ def test_kd_vs_ce_tiny(tmp_path):
     assert res["evals"]["prune_seed1"][0]["val_kl"] < res["evals"]["kd_seed1"][0]["val_kl"]
     assert (out / "teacher" / "hf" / "model.safetensors").exists()
     assert (out / "results.md").read_text().startswith("teacher val CE")
+    # a rerun into the same OUT reuses the finished students and trains only the new arm
+    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), "--size=tiny",
+                        f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
+                        "--arms", "kd", "prune:learning_rate=1e-3"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kd_seed1: reusing" in r.stdout and "prune_learning_rate=1e-3_seed1: reusing" not in r.stdout
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["evals"]["kd_seed1"] == res["evals"]["kd_seed1"]
+    assert [row["iter"] for row in rerun["evals"]["prune_learning_rate=1e-3_seed1"]] == [0, 4, 8]
