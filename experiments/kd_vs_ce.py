@@ -55,7 +55,7 @@ SIZES = {
                    eval_interval=4, eval_iters=2, prune_windows=8),
     ),
 }
-PRUNE_LR = {"full": 2e-3, "tiny": 3e-3}  # the pruned start's learning rate (chosen by a sweep, see the README)
+PRUNE_LR = {"full": 2e-3, "tiny": 3e-3}  # the pruned start's learning rate: the scratch arms' (docs/pruning.md has the sweep)
 METRICS = [("val_ce", "val CE"), ("val_ppl", "val ppl"), ("val_kl", "val KL to teacher"),
            ("val_top1", "top-1 agreement")]
 
