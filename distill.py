@@ -273,7 +273,6 @@ my_val_windows = val_windows[rank::world_size]
 # models: the frozen teacher (through model.py) and the student
 
 
-
 def check_tokenizers(teacher_dir):
     """The teacher must read the data's token ids as its own: the same ids for a probe text (Chinese, English,
     digits, punctuation, whitespace; no BOS) and the data's EOS id as its EOS or as the same token. Otherwise the
@@ -287,11 +286,10 @@ def check_tokenizers(teacher_dir):
         d_tok, _ = load_tokenizer(meta.get("tokenizer") or "")
     except ValueError as e:
         return print0(f"warning: cannot compare the teacher's tokenizer with the data's: {e}")
-    eos = eos_id
     if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
         problem = "encodes text into other ids than"
-    elif eos != t_eos and t_tok.convert_ids_to_tokens(eos) != d_tok.convert_ids_to_tokens(eos):
-        problem = f"does not read EOS id {eos} as"
+    elif eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
+        problem = f"does not read EOS id {eos_id} as"
     else:
         return
     die(f"the teacher's tokenizer ({teacher}) {problem} the data's ({meta['tokenizer']}): prepare the data with the "
@@ -517,7 +515,7 @@ def evaluate():
                                                    chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
     r = all_reduce(sums)
     check_finite("val_ce", r["ce"], r["bad_teacher"])
-    n, has_teacher = r["n"], teacher_model is not None or cached is not None
+    n, has_teacher = r["n"], teacher is not None  # online or from the cache
     row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
            "val_kl": r["kl"] / n if has_teacher else None, "val_top1": r["top1"] / n if has_teacher else None}
     if has_teacher and teacher_val_ce is None:
@@ -650,7 +648,7 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop request;
     # loss, ce, kl and grad_norm are the same mean on every process once divided by world_size
-    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=torch.tensor(float(stop_requested), device=device)))
+    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=torch.full((), float(stop_requested), device=device)))
     for k in ("loss", "ce", "kl", "grad_norm"):
         r[k] /= world_size
     check_finite("loss", r["loss"], r["bad_teacher"])
@@ -663,7 +661,7 @@ while True:
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
         mfu = tps * seconds_at_peak / world_size if seconds_at_peak else None
         mem, reserved = peak_mem_gb()
-        row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher_model is not None else None,
+        row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher is not None else None,
                "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": mem,
                "peak_reserved_gb": reserved}
         log_row(row)

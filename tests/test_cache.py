@@ -155,6 +155,7 @@ def test_trains_from_the_cache_without_the_teacher(built, data, model_dir, tmp_p
     strip = lambda rows: [{k: v for k, v in row.items() if k not in ("tokens_per_sec", "peak_mem_gb")} for row in rows]  # noqa
     assert strip(a[0]) == strip(b[0]) and strip(a[1]) == strip(b[1])  # the same run, to the bit
     first = b[1][0]
+    assert b[0][0]["kl"] > 0 and all(row["kl"] is not None for row in b[0])  # the train rows' estimate, logged
     assert first["kl_estimated"] and first["teacher_val_ce"] > 0 and b[1][-1]["val_kl"] < first["val_kl"]
 
 
