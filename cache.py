@@ -78,7 +78,7 @@ def window_entries(h, w, y, vocab, tau, samples, topk, generator, chunk=128):
             keep[:, 1:] = ids[:, 1:] != ids[:, :-1]
             starts = torch.arange(samples, device=ids.device).expand_as(ids)[keep]
             ends = torch.cat([starts[1:], starts.new_tensor([samples])])
-            ends[torch.cat([keep.sum(-1).cumsum(0) - 1])] = samples  # each row's last run ends at `samples`
+            ends[keep.sum(-1).cumsum(0) - 1] = samples  # each row's last run ends at `samples`
             counts = torch.zeros_like(ids)
             counts[keep] = ends - starts
         packed = (ids[keep] | counts[keep] << 24).cpu().numpy().astype(np.uint32)
