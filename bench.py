@@ -104,7 +104,8 @@ def available_bytes():
 def bench_model(T=512, repeats=3, prompt_len=32, new_tokens=128):
     from transformers import AutoModelForCausalLM
 
-    from model import CONFIGS, Transformer, distill_loss
+    from loss import distill_loss
+    from model import CONFIGS, Transformer
 
     torch.manual_seed(0)
     cfg = CONFIGS["student-123m"]
@@ -181,7 +182,7 @@ def bench_prepare(data=os.path.join(REPO, "data", "zh_wiki_sample.jsonl"), token
                   copies=11, repeats=2):
     """~17 MB: the 1.6 MB zh Wikipedia sample repeated 11 times. Each side is a fresh process (start, imports
     and tokenizer load included), the sides alternate, medians compared."""
-    from model import TOKENIZER_FILES, resolve_pretrained
+    from hf import TOKENIZER_FILES, resolve_pretrained
 
     try:  # a hub id is downloaded here, once, so that neither side times the download
         tokenizer = resolve_pretrained(tokenizer, TOKENIZER_FILES)
@@ -230,7 +231,7 @@ def plain_loss(z_s, z_t, targets, alpha=0.5, temperature=2.0, ignore_index=-100)
 
 
 def loss_side(side, B, T, V, D_s, D_t, iters, chunk_size):
-    from model import distill_loss
+    from loss import distill_loss
 
     g = torch.Generator().manual_seed(0)
     h_s = torch.randn(B, T, D_s, generator=g).requires_grad_()
@@ -290,7 +291,8 @@ def hf_config(cfg):
 def make_step(side, B, T, chunk_size, cache_dir=None):
     """One training step of a side, as a function. Random weights on both sides (N(0, 0.02), not the same
     values: a speed and memory test). cached: the student alone, its teacher read from cache_dir (bench_cache)."""
-    from model import CONFIGS, Transformer, distill_loss
+    from loss import distill_loss
+    from model import CONFIGS, Transformer
 
     tcfg, scfg = CONFIGS["qwen2.5-0.5b"], CONFIGS["student-123m"]
     if side == "cached":
@@ -397,7 +399,8 @@ def gpu_checks(teacher, batch_size, block_size, device):
     kernel, which materializes (T, T) scores, becomes an error."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from model import CONFIGS, Transformer, distill_loss
+    from loss import distill_loss
+    from model import CONFIGS, Transformer
 
     out = {}
     t = Transformer.from_pretrained(teacher, dtype=torch.float16, device=device, verbose=False, max_seq_len=block_size)

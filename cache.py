@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from model import _head
+from loss import _head
 
 VERSION = 1
 TOKEN = np.dtype([("n", "u1"), ("entropy", "<f2"), ("argmax", "<u4"), ("ce", "<f2")])  # 9 bytes, unaligned

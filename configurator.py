@@ -18,6 +18,7 @@ line that names it, its value and what is allowed.
 import ast
 import difflib
 import os
+import re
 import sys
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -111,3 +112,64 @@ def check(settings, rules):
 
 def error(msg):  # one line and exit status 1; under torchrun rank 0 alone prints it
     raise SystemExit(msg if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+def die(msg):
+    """SCRIPT: error: msg, and exit status 1: the one way every script stops on bad input (no traceback)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    error(f"{os.path.basename(sys.argv[0]) or 'config'}: error: {msg}")
+
+
+# the device setting of every script: the rule for check(), then check_device once torch is imported
+DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)), "cpu, cuda or cuda:N (mps and others are not supported)"
+
+
+def check_device(device):
+    import torch
+
+    if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use "
+            f"--device=cpu")
+
+
+class progress:
+    """A long phase's progress: tqdm on a terminal; elsewhere (Colab's !python, a log file, a pipe), where tqdm
+    would print nothing or a wall of carriage returns, a plain line every `every` seconds: done, rate, ETA.
+
+        bar = progress(total, "teacher cache", unit="tokens")
+        bar.update(n); ...; bar.close()
+    """
+
+    def __init__(self, total, desc, unit="it", every=30.0, enabled=True, file=None):
+        import time
+
+        self.total, self.desc, self.unit, self.every, self.n = total, desc, unit, every, 0
+        self.file, self.clock, self.bar = file or sys.stderr, time.monotonic, None
+        self.start = self.last = self.clock()
+        if not enabled:
+            self.update = self.close = lambda *a, **k: None
+        elif self.file.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=self.file, unit_scale=True)
+
+    def update(self, n=1):
+        self.n += n
+        if self.bar is not None:
+            return self.bar.update(n)
+        if self.clock() - self.last >= self.every:
+            self.last = self.clock()
+            self.line()
+
+    def line(self, end=""):
+        took = self.clock() - self.start
+        rate = self.n / took if took > 0 else 0.0
+        eta = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.total and self.n < self.total else ""
+        done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
+        print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{end}", file=self.file, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            return self.bar.close()
+        self.line(end=f", done in {self.clock() - self.start:.0f} s")

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import resource
-import re
 import signal
 import sys
 import tempfile
@@ -35,9 +34,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import at_least, between, check, configure, one_of
-from model import DTYPES, KD_KINDS, TOKENIZER_FILES, ModelConfig, Transformer, auto_dtype, distill_loss, \
-    load_checkpoint, resolve_pretrained
+from configurator import DEVICE, at_least, between, check, check_device, configure, die, one_of
+from hf import TOKENIZER_FILES, check_tokenizers, load_checkpoint, resolve_pretrained
+from loss import KD_KINDS, distill_loss
+from model import DTYPES, ModelConfig, Transformer, auto_dtype
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -111,12 +111,6 @@ PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
 ]
 
 
-def die(msg):  # one clear line and a non-zero exit, printed once under torchrun
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    raise SystemExit(f"distill.py: error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
-
-
 # -----------------------------------------------------------------------------
 # setup: the settings' valid values (before anything is loaded), processes, devices
 
@@ -134,7 +128,7 @@ check(config, {
     "gradient_accumulation_steps": at_least(1), "epochs": at_least(1), "max_iters": at_least(0),
     "learning_rate": at_least(0), "min_lr": at_least(0), "warmup_iters": at_least(0), "lr_decay_iters": at_least(0),
     "weight_decay": at_least(0), "beta1": between(0, 1, "[)"), "beta2": between(0, 1, "[)"), "grad_clip": at_least(0),
-    "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "cpu, cuda or cuda:N"), "dtype": one_of(*DTYPES),
+    "device": DEVICE, "dtype": one_of(*DTYPES),
     "seed": at_least(0)})
 if n_embd % n_head or n_head % n_kv_head:
     die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
@@ -153,8 +147,7 @@ rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK
 if ddp and device.startswith("cuda"):
     device = f"cuda:{local_rank}"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-    die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use --device=cpu")
+check_device(device)
 if ddp:
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -273,29 +266,6 @@ my_val_windows = val_windows[rank::world_size]
 # models: the frozen teacher (through model.py) and the student
 
 
-def check_tokenizers(teacher_dir):
-    """The teacher must read the data's token ids as its own: the same ids for a probe text (Chinese, English,
-    digits, punctuation, whitespace; no BOS) and the data's EOS id as its EOS or as the same token. Otherwise the
-    run would go on, its loss falling, and teach the student nonsense."""
-    from prepare import PROBE, load_tokenizer
-
-    if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return print0(f"warning: no tokenizer beside the teacher {teacher}: cannot check that it reads the data's ids")
-    try:
-        t_tok, t_eos = load_tokenizer(teacher_dir)
-        d_tok, _ = load_tokenizer(meta.get("tokenizer") or "")
-    except ValueError as e:
-        return print0(f"warning: cannot compare the teacher's tokenizer with the data's: {e}")
-    if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
-        problem = "encodes text into other ids than"
-    elif eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
-        problem = f"does not read EOS id {eos_id} as"
-    else:
-        return
-    die(f"the teacher's tokenizer ({teacher}) {problem} the data's ({meta['tokenizer']}): prepare the data with the "
-        f"teacher's tokenizer (python prepare.py --tokenizer={teacher} ...) or choose a teacher of the data's")
-
-
 # the teacher cache (cache.py): checked against what it was built from before anything loads, built on first use
 cached, cache_state = None, None
 if teacher_cache:
@@ -312,7 +282,12 @@ teacher_model, w_t, tcfg = None, None, None
 if teacher is not None and (cache_state != "complete" or init_from == "prune"):
     try:
         teacher_dir = resolve_pretrained(teacher)
-        check_tokenizers(teacher_dir)
+        if (found := check_tokenizers(teacher_dir, meta.get("tokenizer"), eos_id)) and found[1]:
+            print0(f"warning: {found[0]}")
+        elif found:
+            die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta['tokenizer']}): prepare the data "
+                f"with the teacher's tokenizer (python prepare.py --tokenizer={teacher} ...) or choose a teacher of "
+                f"the data's")
         teacher_model = Transformer.from_pretrained(teacher_dir, dtype=DTYPES[teacher_dtype], device=device,
                                                     verbose=master, max_seq_len=block_size)
     except (OSError, ValueError) as e:

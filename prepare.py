@@ -24,13 +24,12 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from configurator import at_least, between, check
+from configurator import at_least, between, check, die
+from hf import load_tokenizer
 
 VERSION = 1  # bump when the bins or meta.json change meaning
 WIKI = ("wikimedia/wikipedia", "20231101.zh")  # the old script-based "wikipedia" id fails on datasets >= 4
 
-def die(msg):
-    raise SystemExit(f"prepare.py: error: {msg}")
 
 # -----------------------------------------------------------------------------
 # documents in: generators of strings, so nothing is held in memory
@@ -126,34 +125,6 @@ def load_t2s():
     except ImportError:
         die("--t2s needs OpenCC: pip install opencc")
     return opencc.OpenCC("t2s").convert
-
-# ordinary text a tokenizer must encode and decode back (Chinese, English, digits, punctuation, whitespace); also
-# the probe by which distill.py compares the teacher's tokenizer with the data's
-PROBE = "维基百科是一个自由的百科全书。Wikipedia, the free encyclopedia: 2024年1月15日, 3.14 + 42 = 45.14!\n\t  「引号」（括号）"
-
-
-def load_tokenizer(name):
-    """A fast tokenizer from a hub id or a local directory, and its EOS id. ValueError (one line) if it cannot be
-    loaded or cannot encode ordinary text: from a directory without tokenizer files transformers builds an empty
-    tokenizer, which would turn every document into nothing but its EOS."""
-    from transformers import AutoTokenizer
-
-    from model import TOKENIZER_FILES, resolve_pretrained
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(name, TOKENIZER_FILES))
-    except Exception as e:
-        raise ValueError(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, "
-                         f"point at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
-    if not tok.is_fast:
-        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
-    if eos is None:
-        raise ValueError(f"tokenizer '{name}' has no EOS token and no <|endoftext|>")
-    ids = tok(PROBE, add_special_tokens=False)["input_ids"]
-    if len(ids) < len(PROBE) // 8 or tok.unk_token_id in ids or tok.decode(ids).split() != PROBE.split():
-        raise ValueError(f"tokenizer '{name}' cannot encode ordinary text ({len(ids)} tokens for {len(PROBE)} "
-                         f"characters that do not decode back): is it a tokenizer directory (tokenizer.json)?")
-    return tok, eos
 
 # Qwen2's normalization and pre-tokenization, as its tokenizer.json states them. A small BPE trained with them
 # encodes alike when transformers loads it as itself and when, beside a qwen2 config.json (an exported model),

@@ -7,14 +7,14 @@ Generate text from the distilled student, or from any Qwen2 checkpoint (the teac
 """
 
 import os
-import re
 import sys
 import time
 
 import torch
 
-from configurator import at_least, check, configure, one_of
-from model import DTYPES, ModelConfig, Transformer, auto_dtype, load_checkpoint, resolve_pretrained
+from configurator import DEVICE, at_least, check, check_device, configure, die, one_of
+from hf import load_checkpoint, load_tokenizer, resolve_pretrained
+from model import DTYPES, ModelConfig, Transformer, auto_dtype
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # a distill.py out_dir (its ckpt.pt), a Hugging Face directory, or a hub id
@@ -33,12 +33,8 @@ check(config, {
     "start": ((lambda v: isinstance(v, str)), "text, or FILE:path"), "num_samples": at_least(1),
     "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(1, or_none=True),
     "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1] or None"), "seed": at_least(0),
-    "device": (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "cpu, cuda or cuda:N"), "dtype": one_of("auto", *DTYPES)})
+    "device": DEVICE, "dtype": one_of("auto", *DTYPES)})
 # -----------------------------------------------------------------------------
-
-
-def die(msg):
-    raise SystemExit(f"sample.py: error: {msg}")
 
 
 def load(init_from, device, dtype):
@@ -58,12 +54,8 @@ def load(init_from, device, dtype):
 
 
 def main():
-    from prepare import load_tokenizer
-
     torch.manual_seed(seed)
-    if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use "
-            f"--device=cpu")
+    check_device(device)
     dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
     try:
         model, tok_path = load(init_from, device, dt)

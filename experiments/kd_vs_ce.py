@@ -100,7 +100,8 @@ def exact_eval(run_dir, teacher_dir, data_dir, train, temperature):
     import numpy as np
     import torch
 
-    from model import Transformer, distill_loss
+    from loss import distill_loss
+    from model import Transformer
 
     t, s = (Transformer.from_pretrained(os.path.join(d, "hf"), verbose=False) for d in (teacher_dir, run_dir))
     with open(os.path.join(data_dir, "meta.json")) as f:

@@ -24,7 +24,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from kd_vs_ce import SIZES  # noqa: E402
-from model import ModelConfig, Transformer, distill_loss  # noqa: E402
+from loss import distill_loss  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from prune import importance, prune, select  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 
 from cache import TOKEN, window_entries
 from conftest import TINY, read_log, run
-from model import distill_loss
+from loss import distill_loss
 
 TAU = 2.0
 

@@ -318,7 +318,8 @@ DDP_GRADS = '''
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from torch.nn.parallel import DistributedDataParallel as DDP
-from model import ModelConfig, Transformer, distill_loss
+from loss import distill_loss
+from model import ModelConfig, Transformer
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same models and batch on every rank; each takes its half of the batch

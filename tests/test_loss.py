@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import distill_loss  # noqa: E402
+from loss import distill_loss  # noqa: E402
 
 B, T, V, D_S, D_T = 3, 11, 157, 16, 24  # B*T = 33 tokens, V not a multiple of anything
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from model import CONFIGS, ModelConfig, Transformer, config_from_hf, distill_loss, sample_next
+from hf import config_from_hf
+from loss import distill_loss
+from model import CONFIGS, ModelConfig, Transformer, sample_next
 
 # (tied, n_head, n_kv_head, hidden, head_dim, intermediate, vocab): GQA ratios 1, 2 and 8, odd sizes
 SHAPES = [

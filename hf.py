@@ -1,0 +1,242 @@
+"""
+Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the hub, and
+distill.py's ckpt.pt. model.py's Transformer.from_pretrained / save_pretrained come through here.
+
+- resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
+- config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is not implemented.
+- read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
+- load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the data's ids?
+- load_checkpoint: distill.py's ckpt.pt, or a one-line error.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from model import ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def atomic_write(path, write):  # write(tmp) fills a temporary name, then it is renamed: never half a file
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def resolve_pretrained(name, patterns=("*.json", "*.safetensors")):
+    """A local directory as it is; otherwise a hub id such as "Qwen/Qwen2.5-0.5B", whose files matching patterns
+    are downloaded once (the Hugging Face cache): returns that directory. Models and tokenizers alike."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"no directory {name} (and it is not a hub id like Qwen/Qwen2.5-0.5B)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, allow_patterns=list(patterns))
+    except Exception as e:  # offline, unknown repo, gated: one line, and the way out
+        raise FileNotFoundError(f"could not download {name} from the Hugging Face hub "
+                                f"({type(e).__name__}); offline, pass a local directory instead") from None
+
+
+def config_from_hf(hf, path="config.json", max_seq_len=None):
+    """A Qwen2 or Qwen3 config.json (dict) -> ModelConfig; a ValueError names what this file does not implement.
+    max_seq_len: the longest sequence the model will run, if less than max_position_embeddings."""
+    kind = hf.get("model_type")
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        raise ValueError(f"{path}: model_type {kind!r}: DeepSeek's MLA attention and MoE are not implemented here; "
+                         f"DeepSeek's distilled Qwen models (deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, ...) "
+                         f"are Qwen2 and load")
+    if kind not in ("qwen2", "qwen3"):
+        raise ValueError(f"{path}: model_type {kind!r}: only 'qwen2' and 'qwen3' models load here "
+                         f"(Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # transformers 5 writes the latter
+    rope = hf.get(field) or {}
+    scaling = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
+    if scaling != "default":
+        raise ValueError(f"{path}: {field} asks for {scaling!r} RoPE scaling, which is not implemented; "
+                         f"remove it from config.json to run within the trained context")
+    n_layer, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings", 32768)
+    max_len = min(max_len, max_seq_len or max_len)
+    # transformers slides layer i if layer_types says so, else if i >= max_window_layers; a window as long as the
+    # sequence changes nothing
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+    slides = ("sliding_attention" in hf["layer_types"] if hf.get("layer_types")
+              else n_layer > hf.get("max_window_layers", 28))
+    if window is not None and window < max_len and slides:
+        raise ValueError(f"{path}: use_sliding_window with sliding_window={window} < {max_len} tokens: sliding-window "
+                         f"attention is not implemented; load with max_seq_len <= {window}")
+    qwen3 = kind == "qwen3"
+    bias = hf.get("attention_bias", False)  # Qwen3 only: q, k, v and o alike
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=heads,
+        n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hidden,
+        head_dim=hf.get("head_dim") or (128 if qwen3 else hidden // heads),  # Qwen3Config's default is 128
+        intermediate_size=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' Qwen2/Qwen3 default
+        max_seq_len=max_len,
+        qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3, model_type=kind)
+
+
+def config_to_hf(cfg, dtype):
+    """ModelConfig -> the config.json that transformers' AutoModelForCausalLM loads as Qwen2 or Qwen3."""
+    qwen3 = cfg.model_type == "qwen3"
+    # the only layouts transformers knows; it would load any other with weights dropped or randomly filled
+    fits = {"qwen2": cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm,
+            "qwen3": cfg.qk_norm and cfg.qkv_bias == cfg.o_bias}.get(cfg.model_type)
+    if not fits:
+        raise ValueError(f"model_type {cfg.model_type!r} has no Hugging Face layout with qk_norm={cfg.qk_norm}, "
+                         f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+    hf = {
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_sliding_window": False, "attention_dropout": 0.0,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if qwen3:
+        hf["attention_bias"] = cfg.qkv_bias
+    return hf
+
+
+def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
+    """A Hugging Face directory or hub id -> (ModelConfig, {our name: tensor in dtype on device}, directory).
+    max_seq_len, the longest sequence the model will run, caps max_position_embeddings."""
+    from safetensors.torch import load_file
+
+    path = resolve_pretrained(path)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    with open(os.path.join(path, "config.json")) as f:
+        config = config_from_hf(json.load(f), path, max_seq_len)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
+    sd = {}
+    for name in files:
+        try:
+            tensors = load_file(os.path.join(path, name), device=str(device))
+        except Exception as e:  # a download cut short, a full disk: safetensors' own error types
+            raise ValueError(f"{os.path.join(path, name)} is damaged and cannot be read ({e}); download it "
+                             f"again") from None
+        for k, t in tensors.items():
+            if not k.endswith("rotary_emb.inv_freq"):  # old exports carry it
+                sd[k.removeprefix("model.")] = t.to(dtype)
+    return config, sd, path
+
+
+def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
+    """config.json and model.safetensors that transformers loads (plus the tokenizer's files when tokenizer_dir is
+    given), each written to a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    hf = config_to_hf(cfg, state_dict["embed_tokens.weight"].dtype)
+    if tokenizer_dir is not None:
+        hf.update(special_token_ids(tokenizer_dir))
+    tensors = {}
+    for k, t in state_dict.items():
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # transformers re-ties it; safetensors refuses shared storage anyway
+        tensors[k if k.startswith("lm_head") else "model." + k] = t.detach().to("cpu").contiguous()
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, "config.json"),
+                 lambda p: open(p, "w").write(json.dumps(hf, indent=2) + "\n"))
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.exists(src):
+            atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
+
+
+def special_token_ids(tokenizer_dir):
+    # eos/bos/pad ids for config.json, read from the tokenizer's files without importing transformers
+    ids = {}
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+            added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+        with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+            tc = json.load(f)
+    except (OSError, ValueError):
+        return ids
+    for kind in ("bos", "eos", "pad"):
+        tok = tc.get(f"{kind}_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok in added:
+            ids[f"{kind}_token_id"] = added[tok]
+    return ids
+
+
+# ordinary text a tokenizer must encode and decode back (Chinese, English, digits, punctuation, whitespace); also
+# the probe by which check_tokenizers compares the teacher's tokenizer with the data's
+PROBE = "维基百科是一个自由的百科全书。Wikipedia, the free encyclopedia: 2024年1月15日, 3.14 + 42 = 45.14!\n\t  「引号」（括号）"
+
+
+def load_tokenizer(name):
+    """A fast tokenizer from a hub id or a local directory, and its EOS id. ValueError (one line) if it cannot be
+    loaded or cannot encode ordinary text: from a directory without tokenizer files transformers builds an empty
+    tokenizer, which would turn every document into nothing but its EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_pretrained(name, TOKENIZER_FILES))
+    except Exception as e:
+        raise ValueError(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, "
+                         f"point at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
+    if eos is None:
+        raise ValueError(f"tokenizer '{name}' has no EOS token and no <|endoftext|>")
+    ids = tok(PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) < len(PROBE) // 8 or tok.unk_token_id in ids or tok.decode(ids).split() != PROBE.split():
+        raise ValueError(f"tokenizer '{name}' cannot encode ordinary text ({len(ids)} tokens for {len(PROBE)} "
+                         f"characters that do not decode back): is it a tokenizer directory (tokenizer.json)?")
+    return tok, eos
+
+
+def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
+    """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and the data's EOS id
+    as its EOS or as the same token. Otherwise a run would go on, its loss falling, and teach the student nonsense.
+    Returns None when they agree, else (message, is_warning)."""
+    if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return f"no tokenizer beside the teacher {teacher_dir}: cannot check that it reads the data's ids", True
+    try:
+        t_tok, t_eos = load_tokenizer(teacher_dir)
+        d_tok, _ = load_tokenizer(data_tokenizer or "")
+    except ValueError as e:
+        return f"cannot compare the teacher's tokenizer with the data's: {e}", True
+    if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
+        return "encodes text into other ids than", False
+    if eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
+        return f"does not read EOS id {eos_id} as", False
+    return None
+
+
+def load_checkpoint(path):
+    """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut short, a full
+    disk) or not distill.py's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
+        raise ValueError(f"{path} is damaged and cannot be read ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                         f"restore a copy, or start again elsewhere") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
+    return ckpt
