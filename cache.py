@@ -21,9 +21,13 @@ A cache is a directory. For each split (train, val), windows are stored in their
 import hashlib
 import json
 import os
+import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
+
+from configurator import progress
 
 from loss import _head
 
@@ -40,7 +44,8 @@ def fingerprint(path):  # size and sha1 of a bin: a cache of other data is refus
 
 
 def state(cache_dir, want):
-    """"complete" (meta.json matches want), "absent" (no meta.json: build it), or the one line saying what differs."""
+    """"complete" (meta.json matches want, and the files have the sizes it records), "absent" (no meta.json: build
+    it; an interrupted build left none), or the one line saying what is wrong."""
     path = os.path.join(cache_dir, "meta.json")
     if not os.path.exists(path):
         return "absent"
@@ -51,9 +56,43 @@ def state(cache_dir, want):
         return f"{path} is damaged ({e}); delete {cache_dir} to rebuild it"
     differ = [f"{k} {have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
     if differ:
-        return (f"the teacher cache {cache_dir} was built with other settings or data: {', '.join(differ)}; give "
-                f"another --teacher_cache, or delete it to rebuild")
+        return (f"the teacher cache {cache_dir} was built with other settings or data: {', '.join(differ)}; "
+                f"give another --teacher_cache, or delete it to rebuild")
+    for name, size in have.get("sizes", {}).items():  # a cut or swapped file: before anything trains on it
+        file = os.path.join(cache_dir, name)
+        if not os.path.exists(file) or os.path.getsize(file) != size:
+            got = f"{os.path.getsize(file):,} bytes" if os.path.exists(file) else "missing"
+            return f"{file} is damaged ({got}, meta.json says {size:,}); delete {cache_dir} to rebuild it"
     return "complete"
+
+
+def teacher_config(cache_dir):  # the shape of the teacher it was built from: the student takes its vocabulary
+    with open(os.path.join(cache_dir, "meta.json")) as f:
+        return json.load(f)["teacher_config"]
+
+
+def open_or_build(cache_dir, meta, teacher, load, n_windows, block_size, batch_size, seed, rank=0,
+                  world_size=1, sync=lambda: None, log=print):
+    """The complete cache of meta in cache_dir, built first from the teacher if there is none (distill.py checked
+    state() already). Every process builds its share of the windows; rank 0 joins them and writes meta.json."""
+    if state(cache_dir, meta) == "absent":
+        t0, tokens = time.time(), sum(n_windows.values()) * block_size
+        again = os.path.isdir(cache_dir) and any(".part" in f for f in os.listdir(cache_dir))
+        log(f"{'an earlier build was interrupted: building again' if again else 'building'} the teacher cache "
+            f"{cache_dir}: the teacher runs once over {tokens:,} tokens")
+        bar = progress(tokens, "teacher cache", unit="tokens", enabled=rank == 0)
+        meta = dict(meta, teacher_config=asdict(teacher.config))
+        build(cache_dir, teacher, load, n_windows, meta, batch_size, seed, rank, world_size,
+              progress=lambda split, n: bar.update(n * world_size))
+        bar.close()
+        sync()
+        if rank == 0:
+            join(cache_dir, world_size, meta)
+        sync()
+        size = sum(os.path.getsize(os.path.join(cache_dir, f"{s}.{k}.bin")) for s in n_windows
+                   for k in ("entries", "tokens"))
+        log(f"built the teacher cache {cache_dir} in {time.time() - t0:.0f} s: {size / tokens:.1f} bytes per token")
+    return Cache(cache_dir, block_size)
 
 
 @torch.no_grad()
@@ -130,8 +169,10 @@ def join(cache_dir, world_size, meta):
                             out.write(block)
                     os.remove(part)
             os.replace(final + ".tmp", final)
+    sizes = {f"{s}.{k}.bin": os.path.getsize(os.path.join(cache_dir, f"{s}.{k}.bin"))
+             for s in ("train", "val") for k in ("entries", "tokens")}
     with open(os.path.join(cache_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
+        json.dump(dict(meta, sizes=sizes), f, indent=2)
     os.replace(os.path.join(cache_dir, "meta.json.tmp"), os.path.join(cache_dir, "meta.json"))
 
 

@@ -122,6 +122,42 @@ def die(msg):
     error(f"{os.path.basename(sys.argv[0]) or 'config'}: error: {msg}")
 
 
+def check_writable(folder, setting):
+    """die() unless folder is, or can be made, a writable folder; creates nothing (a failed run leaves no empty
+    folder behind)."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    probe = os.path.join(parent, f".write-probe-{os.getpid()}")
+    try:
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"{parent} is a file")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to {setting} {folder} ({e.strerror or e}); choose another --{setting}")
+
+
+def one_line_interrupts(what="rerun the same command"):
+    """From here on Ctrl-C and SIGTERM end the script with one line and exit status 130, not a traceback. For
+    phases that rename their files into place only when whole, so that nothing half-written is kept."""
+    import signal
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, KeyboardInterrupt):
+            return sys.__excepthook__(kind, value, tb)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written was kept: {what}",
+                  file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    sys.excepthook = hook
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 # the device setting of every script: the rule for check(), then check_device once torch is imported
 DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)), "cpu, cuda or cuda:N (mps and others are not supported)"
 
@@ -136,7 +172,8 @@ def check_device(device):
 
 class progress:
     """A long phase's progress: tqdm on a terminal; elsewhere (Colab's !python, a log file, a pipe), where tqdm
-    would print nothing or a wall of carriage returns, a plain line every `every` seconds: done, rate, ETA.
+    would print nothing or a wall of carriage returns, a plain line after the first update and then every `every`
+    seconds: done, rate, ETA.
 
         bar = progress(total, "teacher cache", unit="tokens")
         bar.update(n); ...; bar.close()
@@ -155,10 +192,10 @@ class progress:
             self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=self.file, unit_scale=True)
 
     def update(self, n=1):
-        self.n += n
+        first, self.n = self.n == 0, self.n + n
         if self.bar is not None:
             return self.bar.update(n)
-        if self.clock() - self.last >= self.every:
+        if first or self.clock() - self.last >= self.every:  # the first line gives a rough ETA early
             self.last = self.clock()
             self.line()
 

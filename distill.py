@@ -1,19 +1,20 @@
 """
 Distill Qwen2.5-0.5B (the teacher) into a small Qwen2 student on the token bins of prepare.py.
 
-    python distill.py config/t4.py                         # the standard run, one T4
-    python distill.py config/t4.py --batch_size=4          # any setting as --key=value, after the files
+    python distill.py config/t4.py                    # the standard run, one T4
+    python distill.py config/t4.py --batch_size=4     # any setting as --key=value, after the files
     python -m torch.distributed.run --standalone --nproc_per_node=8 distill.py config/a100.py
-    python distill.py --teacher=None                       # no teacher: a plain language model (CE only)
+    python distill.py --teacher=None                  # no teacher: a plain language model (CE only)
 
 Per token, with z the logits, T the temperature and y the next token (Hinton et al. 2015):
 
     loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
 
-The frozen teacher runs only up to its final hidden states; distill_loss applies both heads a chunk of tokens
-at a time, so no [B, T, V] logits ever exist (2.5 GB in float32 at 8 x 512 x 151,936). Writes out_dir/log.jsonl
-(one JSON object per line), out_dir/ckpt.pt (at every eval, on Ctrl-C and at the end; init_from="resume"
-continues exactly) and at the end out_dir/hf, a Hugging Face directory with the tokenizer.
+The frozen teacher runs only up to its final hidden states; distill_loss (loss.py) applies both
+heads a chunk of tokens at a time, so no [B, T, V] logits ever exist (2.5 GB in float32 at
+8 x 512 x 151,936). Writes out_dir/log.jsonl (one JSON object per line), out_dir/ckpt.pt (at every
+eval, on Ctrl-C and at the end; init_from="resume" continues exactly) and at the end out_dir/hf, a
+Hugging Face directory with the tokenizer.
 """
 
 import json
@@ -22,7 +23,6 @@ import os
 import resource
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -32,10 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from configurator import DEVICE, at_least, between, check, check_device, configure, die, one_of
-from hf import TOKENIZER_FILES, check_tokenizers, load_checkpoint, resolve_pretrained
+import cache
+import prune
+from configurator import (DEVICE, at_least, between, check, check_device, check_writable, configure,
+                          die, one_line_interrupts, one_of, progress)
+from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoint,
+                resolve_pretrained)
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
 
@@ -44,106 +47,98 @@ from model import DTYPES, ModelConfig, Transformer, auto_dtype
 # I/O
 data_dir = "data/wiki_zh"  # prepare.py's output: train.bin, val.bin, meta.json
 out_dir = "out"  # ckpt.pt, log.jsonl, hf/
-init_from = "scratch"  # scratch | prune (cut out of the teacher: prune.py) | resume (from out_dir/ckpt.pt)
+init_from = "scratch"  # scratch | prune (cut out of the teacher: prune.py) | resume (its ckpt.pt)
 eval_interval = 500  # evaluate and checkpoint every this many iterations, and at the end
-eval_iters = 20  # validation batches per eval: a fixed set of eval_iters * batch_size windows of val.bin
+eval_iters = 20  # validation batches per eval: a fixed set of eval_iters * batch_size windows
 log_interval = 10  # a train row (printed and in log.jsonl) every this many iterations
-save = True  # write ckpt.pt and, at the end, the Hugging Face export (bench.py's timing runs turn it off)
+save = True  # write ckpt.pt and, at the end, the Hugging Face export (bench.py turns it off)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "qwen-distill"
 wandb_run_name = "student-123m"
 # teacher and loss
 teacher = "Qwen/Qwen2.5-0.5B"  # hub id or local Hugging Face directory; None: no teacher, CE only
-teacher_dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
-teacher_fp32_residual = True  # a float16 teacher adds its residual stream and norms in float32 (fp16 overflows there)
+teacher_dtype = "auto"  # float32 | bfloat16 | float16; auto: CPU float32, sm80+ bfloat16, else fp16
+teacher_fp32_residual = True  # a float16 teacher keeps its residual stream float32 (fp16 overflows)
 alpha = 0.5  # weight of the KD term; 1 - alpha goes to CE on the data
-temperature = 2.0  # softens both distributions in the KD term, which is scaled by T^2 to keep its gradient's size
-kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (model.py explains each)
+temperature = 2.0  # softens both distributions in the KD term, scaled by T^2 (its gradient's size)
+kd_kind = "forward_kl"  # forward_kl | reverse_kl | jsd (loss.py explains each)
 kd_beta = 0.5  # jsd only: the mixture weight
-teacher_cache = None  # a directory: the teacher runs once into a sampled cache there (cache.py), then trains without it
-cache_samples = 50  # teacher_cache: draws per token from the teacher's distribution at the temperature (<= 255)
-cache_topk = 0  # teacher_cache: > 0 keeps the teacher's k most likely ids instead (biased: for comparison)
-kd_chunk_size = 128  # tokens per chunk of the fused loss, which holds a few (chunk, V) float32 buffers (78 MB each)
-prune_windows = 256  # init_from=prune: windows of train.bin on which the teacher's activations rank its pieces
-prune_layers = "importance"  # init_from=prune: the layers kept: importance (1 - cos(input, output)) | even
+teacher_cache = None  # a directory: the teacher runs once into a sampled cache there (cache.py)
+cache_samples = 50  # teacher_cache: draws per token from the teacher at the temperature (<= 255)
+cache_topk = 0  # teacher_cache: > 0 keeps the k most likely ids instead (biased: for comparison)
+kd_chunk_size = 128  # tokens per chunk of the fused loss: a few (chunk, V) fp32 buffers (78 MB each)
+prune_windows = 256  # init_from=prune: train windows on which the teacher's pieces are ranked
+prune_layers = "importance"  # init_from=prune: layers kept: importance (1 - cos(in, out)) | even
 prune_width = "importance"  # init_from=prune: the channels, heads, neurons kept: importance | even
-# student: its vocabulary, rope_theta and rms_norm_eps are the teacher's; head_dim = n_embd // n_head
+# student: vocabulary, rope_theta and rms_norm_eps are the teacher's; head_dim = n_embd // n_head
 n_layer = 12
 n_head = 8
 n_kv_head = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
 n_embd = 512
 intermediate_size = 2048  # SwiGLU width
 # data
-block_size = 512  # tokens per sequence; the data is cut into non-overlapping windows of block_size + 1
+block_size = 512  # tokens per sequence; the data is cut into windows of block_size + 1
 batch_size = 8  # sequences per micro-step, per process
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
 epochs = 3  # passes over train.bin when max_iters is 0
-max_iters = 0  # optimizer steps; 0: epochs * windows // (batch_size * gradient_accumulation_steps * processes)
+max_iters = 0  # optimizer steps; 0: epochs * windows // windows per step
 # AdamW; linear warmup, then cosine decay to min_lr
 learning_rate = 3e-4
 min_lr = 1e-5
 warmup_iters = 500
-lr_decay_iters = 0  # where the cosine reaches min_lr; 0: max_iters (set it to stop early and resume exactly)
+lr_decay_iters = 0  # where the cosine reaches min_lr; 0: max_iters (set it to stop early and resume)
 weight_decay = 0.01  # on 2-D weights only, not on biases and norms
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the gradient's global norm; 0: no clipping
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK
-dtype = "float32"  # student compute: float32 | bfloat16 | float16 (float32 weights, autocast; float16 adds GradScaler)
-compile = False  # torch.compile the student and the teacher (needs Triton: not on a T4 with recent torch)
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N (torchrun: per rank)
+dtype = "float32"  # student compute: float32 | bfloat16 | float16 (autocast over float32 weights)
+compile = False  # torch.compile student and teacher (needs Triton: not on a T4 with recent torch)
 seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# dense peak FLOP/s per GPU and dtype, for MFU; float32 means TF32 where the GPU has it (enabled below). Matched
-# against the words of torch.cuda.get_device_name(); anything else (and CPUs) gets mfu null.
-PEAK_FLOPS = [  # (words in the name, {dtype: FLOP/s}), the first match wins
-    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
-    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
-    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
-    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
-    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
-    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
-    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
-    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
-]
-
-
 # -----------------------------------------------------------------------------
-# setup: the settings' valid values (before anything is loaded), processes, devices
+# the settings' valid values, checked before anything is loaded
 
 is_dir = (lambda v: isinstance(v, str) and v != ""), "a directory"
 check(config, {
     "data_dir": is_dir, "out_dir": is_dir, "init_from": one_of("scratch", "prune", "resume"),
     "eval_interval": at_least(1), "eval_iters": at_least(1), "log_interval": at_least(1),
-    "teacher_dtype": one_of("auto", *DTYPES), "alpha": between(0, 1), "temperature": between(0, math.inf, "()"),
-    "kd_kind": one_of(*KD_KINDS), "kd_beta": between(0, 1, "()"), "kd_chunk_size": at_least(1),
-    "teacher_cache": ((lambda v: v is None or isinstance(v, str) and v != ""), "a directory or None"),
-    "cache_samples": between(1, 255), "cache_topk": between(0, 255),
-    "prune_windows": at_least(1), "prune_layers": one_of("importance", "even"), "prune_width": one_of("importance", "even"),
+    "teacher_dtype": one_of("auto", *DTYPES), "alpha": between(0, 1),
+    "temperature": between(0, math.inf, "()"), "kd_kind": one_of(*KD_KINDS),
+    "kd_beta": between(0, 1, "()"), "kd_chunk_size": at_least(1), "cache_samples": between(1, 255),
+    "cache_topk": between(0, 255),
+    "teacher_cache": ((lambda v: v is None or is_dir[0](v)), "a directory or None"),
+    "prune_windows": at_least(1), "prune_layers": one_of("importance", "even"),
+    "prune_width": one_of("importance", "even"),
     "n_layer": at_least(1), "n_head": at_least(1), "n_kv_head": at_least(1), "n_embd": at_least(1),
     "intermediate_size": at_least(1), "block_size": at_least(1), "batch_size": at_least(1),
     "gradient_accumulation_steps": at_least(1), "epochs": at_least(1), "max_iters": at_least(0),
-    "learning_rate": at_least(0), "min_lr": at_least(0), "warmup_iters": at_least(0), "lr_decay_iters": at_least(0),
-    "weight_decay": at_least(0), "beta1": between(0, 1, "[)"), "beta2": between(0, 1, "[)"), "grad_clip": at_least(0),
-    "device": DEVICE, "dtype": one_of(*DTYPES),
-    "seed": at_least(0)})
+    "learning_rate": at_least(0), "min_lr": at_least(0), "warmup_iters": at_least(0),
+    "lr_decay_iters": at_least(0), "weight_decay": at_least(0), "beta1": between(0, 1, "[)"),
+    "beta2": between(0, 1, "[)"), "grad_clip": at_least(0), "device": DEVICE,
+    "dtype": one_of(*DTYPES), "seed": at_least(0)})
 if n_embd % n_head or n_head % n_kv_head:
-    die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head ({n_kv_head})")
+    die(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}), and n_head of n_kv_head "
+        f"({n_kv_head})")
 if init_from == "prune" and teacher is None:
     die("init_from=prune cuts the student out of the teacher, and teacher is None: give a teacher")
 if teacher_cache and (teacher is None or kd_kind != "forward_kl"):
-    die(f"teacher_cache keeps samples of a teacher's distribution, which forward_kl learns from; teacher={teacher!r}, "
-        f"kd_kind={kd_kind!r}: give a teacher and forward_kl, or drop --teacher_cache (reverse_kl and jsd need the "
-        f"whole teacher)")
+    die(f"teacher_cache keeps samples of a teacher's distribution, which forward_kl learns from; "
+        f"teacher={teacher!r}, kd_kind={kd_kind!r}: give a teacher and forward_kl, or drop "
+        f"--teacher_cache (reverse_kl and jsd need the whole teacher)")
 if min_lr > learning_rate:
     die(f"min_lr={min_lr} exceeds learning_rate={learning_rate}: the schedule decays to min_lr")
 
+# -----------------------------------------------------------------------------
+# processes and devices
+
 ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
-rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else \
-    (0, 0, 1)
+rank, local_rank, world_size = (0, 0, 1)
+if ddp:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 if ddp and device.startswith("cuda"):
     device = f"cuda:{local_rank}"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -160,12 +155,14 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
+one_line_interrupts()  # until the loop, which takes Ctrl-C over: a checkpoint, then stop
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
-if device_type == "cuda" and "bfloat16" in (dtype, teacher_dtype) and auto_dtype(device) != torch.bfloat16:
-    die(f"{'dtype' if dtype == 'bfloat16' else 'teacher_dtype'}=bfloat16, but this GPU (sm"
-        f"{''.join(map(str, torch.cuda.get_device_capability(device)))}) only emulates bfloat16, slowly, and its fused "
-        f"attention does not take it: use float16")
+bf16 = "bfloat16" in (dtype, teacher_dtype)
+if device_type == "cuda" and bf16 and auto_dtype(device) != torch.bfloat16:
+    sm = "".join(map(str, torch.cuda.get_device_capability(device)))
+    die(f"{'dtype' if dtype == 'bfloat16' else 'teacher_dtype'}=bfloat16, but this GPU (sm{sm}) only "
+        f"emulates bfloat16, slowly, and its fused attention does not take it: use float16")
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
@@ -173,17 +170,13 @@ if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
 
-# out_dir: writable, and no earlier run in it is lost to a forgotten --init_from=resume (every process checks, so
-# that all stop together)
+# out_dir: writable, created only when the first file is written, and no earlier run in it lost to a
+# forgotten --init_from=resume (every process checks, so that all stop together)
+check_writable(out_dir, "out_dir")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-try:
-    os.makedirs(out_dir, exist_ok=True)
-    tempfile.TemporaryFile(dir=out_dir).close()
-except OSError as e:
-    die(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir")
 if init_from != "resume" and os.path.exists(ckpt_path):
-    die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in another "
-        f"--out_dir (or delete it)")
+    die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in "
+        f"another --out_dir (or delete it)")
 
 # -----------------------------------------------------------------------------
 # data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
@@ -195,54 +188,59 @@ for path in (meta_path, os.path.join(data_dir, "train.bin"), os.path.join(data_d
 try:
     with open(meta_path) as f:
         meta = json.load(f)
-    data_dtype, vocab_size, eos_id = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eos_id"])
+    data_dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])
+    eos_id = int(meta["eos_id"])
     assert data_dtype in (np.uint16, np.uint32) and 0 <= eos_id < vocab_size  # never guessed
 except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
     die(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun prepare.py")
-for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json or a cut copy)
+for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json, a cut copy)
     path = os.path.join(data_dir, f"{split}.bin")
-    if os.path.getsize(path) % data_dtype.itemsize:
-        die(f"{path} is {os.path.getsize(path):,} bytes, not a whole number of {data_dtype.name} tokens: damaged; "
-            f"rerun prepare.py")
-    if os.path.getsize(path) and (top := int(np.memmap(path, dtype=data_dtype, mode="r").max())) >= vocab_size:
-        die(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the bins and meta.json "
-            f"are not of one prepare.py run; rerun prepare.py")
+    size = os.path.getsize(path)
+    if size % data_dtype.itemsize:
+        die(f"{path} is {size:,} bytes, not a whole number of {data_dtype.name} tokens: damaged; rerun "
+            f"prepare.py")
+    if size and (top := int(np.memmap(path, dtype=data_dtype, mode="r").max())) >= vocab_size:
+        die(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the bins "
+            f"and meta.json are not of one prepare.py run; rerun prepare.py")
+tcache = None  # the teacher cache's reader, once it is open (below)
 
 
 def n_windows(split):
-    return os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // data_dtype.itemsize // (block_size + 1)
+    tokens = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // data_dtype.itemsize
+    return tokens // (block_size + 1)
 
 
 def load_windows(split, windows):
-    """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one token, and the cached
-    teacher of those windows (a dict for distill_loss's sparse argument; None without a complete teacher cache)."""
-    # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in the process's memory
+    """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one token,
+    and the cached teacher of those windows (distill_loss's sparse argument; None without a cache)."""
+    # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
-    w = torch.from_numpy(np.stack([data[i * (block_size + 1):(i + 1) * (block_size + 1)] for i in windows])
-                         .astype(np.int64))
+    T = block_size + 1
+    w = torch.from_numpy(np.stack([data[i * T:(i + 1) * T] for i in windows]).astype(np.int64))
     x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     if device_type == "cuda":  # pinned, so the copy runs while the GPU is busy
-        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device), cached.batch(split, windows, device) if cached else None
+        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+    return x.to(device), y.to(device), tcache.batch(split, windows, device) if tcache else None
 
 
 windows_per_iter = batch_size * gradient_accumulation_steps * world_size
 tokens_per_iter = windows_per_iter * block_size
 n_train, n_val = n_windows("train"), n_windows("val")
 if n_train < windows_per_iter:
-    die(f"train.bin holds {n_train} windows of block_size + 1 = {block_size + 1} tokens; one step takes "
-        f"{windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more data or smaller settings")
+    die(f"train.bin holds {n_train} windows of block_size + 1 = {block_size + 1} tokens; one step "
+        f"takes {windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more data or "
+        f"smaller settings")
 if n_val < 1:
     die(f"val.bin is shorter than one window of block_size + 1 = {block_size + 1} tokens")
 if max_iters == 0:
     max_iters = epochs * (n_train // windows_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
-config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters, teacher_dtype=teacher_dtype, device=device,
-              alpha=alpha)  # what this run uses, for the checkpoint and the logger
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters, teacher_dtype=teacher_dtype,
+              device=device, alpha=alpha)  # what this run uses, for the checkpoint and the logger
 
 
 @lru_cache(maxsize=2)
-def epoch_order(epoch):  # a permutation of the windows per epoch from the seed: the position is all resume needs
+def epoch_order(epoch):  # a permutation of the windows per epoch from the seed: resume needs a position
     return np.random.default_rng(seed + epoch).permutation(n_train)
 
 
@@ -251,176 +249,189 @@ def fit(pos):  # an epoch's last windows, fewer than one step, wait for a later 
 
 
 def step_batches(pos):
-    """This process's micro-batches of the step at data position pos = (epoch, window in the epoch's order).
-    The step takes the next windows_per_iter windows; slot (micro * world_size + rank) is ours: disjoint."""
-    order = epoch_order(pos[0])
-    starts = [pos[1] + (m * world_size + rank) * batch_size for m in range(gradient_accumulation_steps)]
+    """This process's micro-batches of the step at data position pos = (epoch, window in the epoch's
+    order). The step takes the next windows_per_iter windows; slot (micro * world_size + rank) is ours."""
+    order, slots = epoch_order(pos[0]), range(gradient_accumulation_steps)
+    starts = [pos[1] + (m * world_size + rank) * batch_size for m in slots]
     return [load_windows("train", order[s:s + batch_size]) for s in starts]
 
 
-# validation: a fixed, evenly spread set of windows of val.bin; each process takes every world_size-th one
-val_windows = np.arange(min(eval_iters * batch_size, n_val)) * n_val // min(eval_iters * batch_size, n_val)
+# validation: a fixed, evenly spread set of windows of val.bin; each process takes every world_size-th
+n_eval = min(eval_iters * batch_size, n_val)
+val_windows = np.arange(n_eval) * n_val // n_eval
 my_val_windows = val_windows[rank::world_size]
 
 # -----------------------------------------------------------------------------
-# models: the frozen teacher (through model.py) and the student
+# resume: the checkpoint is read and compared with these settings and data before the teacher loads
 
-
-# the teacher cache (cache.py): checked against what it was built from before anything loads, built on first use
-cached, cache_state = None, None
-if teacher_cache:
-    import cache as cache_lib
-    cache_meta = dict(version=cache_lib.VERSION, teacher=teacher, tokenizer=meta.get("tokenizer"),
-                      temperature=float(temperature), block_size=block_size, cache_samples=cache_samples,
-                      cache_topk=cache_topk, seed=seed, vocab_size=vocab_size,
-                      **{s: cache_lib.fingerprint(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")})
-    cache_state = cache_lib.state(teacher_cache, cache_meta)
-    if cache_state not in ("complete", "absent"):
-        die(cache_state)
-
-teacher_model, w_t, tcfg = None, None, None
-if teacher is not None and (cache_state != "complete" or init_from == "prune"):
-    try:
-        teacher_dir = resolve_pretrained(teacher)
-        if (found := check_tokenizers(teacher_dir, meta.get("tokenizer"), eos_id)) and found[1]:
-            print0(f"warning: {found[0]}")
-        elif found:
-            die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta['tokenizer']}): prepare the data "
-                f"with the teacher's tokenizer (python prepare.py --tokenizer={teacher} ...) or choose a teacher of "
-                f"the data's")
-        teacher_model = Transformer.from_pretrained(teacher_dir, dtype=DTYPES[teacher_dtype], device=device,
-                                                    verbose=master, max_seq_len=block_size)
-    except (OSError, ValueError) as e:
-        die(f"cannot load the teacher: {e}".splitlines()[0])
-    teacher_model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
-    teacher_model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
-    tcfg = teacher_model.config
-    if tcfg.vocab_size < vocab_size:
-        die(f"the teacher's vocabulary ({tcfg.vocab_size} rows) is smaller than the tokenizer's ({vocab_size} ids): "
-            f"prepare the data with the teacher's tokenizer")
-    if block_size > tcfg.max_seq_len:
-        die(f"block_size {block_size} exceeds the teacher's max_seq_len {tcfg.max_seq_len}")
-    w_t = teacher_model.lm_head.weight  # (V, D_t): applied inside distill_loss, a chunk of tokens at a time
-if cache_state == "complete" and tcfg is None:  # the teacher is not loaded: its shape comes from the cache
-    with open(os.path.join(teacher_cache, "meta.json")) as f:
-        tcfg = ModelConfig(**json.load(f)["teacher_config"])
-
+ckpt = None
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         die(f"no {ckpt_path} to resume from; start with --init_from=scratch")
     try:
         ckpt = load_checkpoint(ckpt_path)
+        report = compare_resume(ckpt, config, meta, world_size)
     except ValueError as e:
         die(str(e))
-    model_args = ckpt["model_args"]  # the student's shape is the checkpoint's, whatever the settings say
+    print0(f"resuming {ckpt_path} at iter {ckpt['iter_num']}", *report, sep="\n")
+
+# -----------------------------------------------------------------------------
+# the teacher: online (model.py, frozen) or its sampled cache (cache.py). teacher_side() gives the
+# loss whichever it is.
+
+cache_meta, cache_state = None, None
+if teacher_cache:  # checked against what it was built from before anything loads; built on first use
+    cache_meta = dict(version=cache.VERSION, teacher=teacher, tokenizer=meta.get("tokenizer"),
+                      temperature=float(temperature), block_size=block_size, cache_samples=cache_samples,
+                      cache_topk=cache_topk, seed=seed, vocab_size=vocab_size)
+    for split in ("train", "val"):
+        cache_meta[split] = cache.fingerprint(os.path.join(data_dir, f"{split}.bin"))
+    cache_state = cache.state(teacher_cache, cache_meta)
+    if cache_state not in ("complete", "absent"):
+        die(cache_state)
+
+
+def load_teacher():
+    try:
+        teacher_dir = resolve_pretrained(teacher)
+        if (found := check_tokenizers(teacher_dir, meta.get("tokenizer"), eos_id)) and found[1]:
+            print0(f"warning: {found[0]}")
+        elif found:
+            die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta['tokenizer']}): "
+                f"prepare the data with the teacher's tokenizer (python prepare.py "
+                f"--tokenizer={teacher} ...) or choose a teacher of the data's")
+        model = Transformer.from_pretrained(teacher_dir, dtype=DTYPES[teacher_dtype], device=device,
+                                            verbose=master, max_seq_len=block_size)
+    except (OSError, ValueError) as e:
+        die(f"cannot load the teacher: {e}".splitlines()[0])
+    model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
+    if model.config.vocab_size < vocab_size:
+        die(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller than the "
+            f"tokenizer's ({vocab_size} ids): prepare the data with the teacher's tokenizer")
+    if block_size > model.config.max_seq_len:
+        die(f"block_size {block_size} exceeds the teacher's max_seq_len {model.config.max_seq_len}")
+    return model
+
+
+teacher_model, tcfg = None, None
+if teacher is not None and (cache_state != "complete" or init_from == "prune"):
+    teacher_model = load_teacher()
+    tcfg = teacher_model.config
+elif cache_state == "complete":  # the teacher is not loaded: its shape comes from the cache
+    tcfg = ModelConfig(**cache.teacher_config(teacher_cache))
+
+
+def teacher_side(x, sparse):
+    """What distill_loss takes of the teacher for a batch: its hidden states and head (online), the
+    cache's sampled teacher (sparse), or nothing (CE only)."""
+    if teacher_model is None:
+        return {"h_t": None, "w_t": None, "sparse": sparse}
+    with torch.no_grad():
+        return {"h_t": teacher_model(x), "w_t": teacher_model.lm_head.weight, "sparse": None}
+
+
+# -----------------------------------------------------------------------------
+# the student: from scratch, cut out of the teacher (prune.py), or the checkpoint's
+
+if ckpt is not None:
+    model_args = ckpt["model_args"]  # the student's shape is the checkpoint's, whatever the settings
 else:
     model_args = asdict(ModelConfig(
         # the teacher's vocabulary (padding rows included); without one, the tokenizer's rounded up to 64
-        vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64,
-        n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
+        vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64, n_layer=n_layer,
+        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
         intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
         rope_theta=tcfg.rope_theta if tcfg else ModelConfig.rope_theta,
         rms_norm_eps=tcfg.rms_norm_eps if tcfg else ModelConfig.rms_norm_eps))
 if block_size > model_args["max_seq_len"]:
     die(f"block_size {block_size} exceeds the student's max_seq_len {model_args['max_seq_len']}")
 if model_args["vocab_size"] < vocab_size:
-    die(f"the student's vocabulary ({model_args['vocab_size']} rows) is smaller than the tokenizer's ({vocab_size})")
+    die(f"the student's vocabulary ({model_args['vocab_size']} rows) is smaller than the "
+        f"tokenizer's ({vocab_size})")
+if init_from == "prune" and (problem := prune.check(tcfg, ModelConfig(**model_args))):
+    die(f"init_from=prune: {problem}")
 
-if init_from == "prune":
-    from prune import check
-    if problem := check(tcfg, ModelConfig(**model_args)):
-        die(f"init_from=prune: {problem}")
-
-if cache_state == "absent":
-    t0 = time.time()
-    bar = tqdm(total=(n_train + n_val) * block_size, unit=" tokens", desc=f"teacher cache {teacher_cache}",
-               disable=not master or None)
-    cache_lib.build(teacher_cache, teacher_model, lambda split, w: load_windows(split, w)[:2],
-                    {"train": n_train, "val": n_val}, dict(cache_meta, teacher_config=asdict(tcfg)), batch_size,
-                    seed, rank, world_size, progress=lambda split, n: bar.update(n * world_size))
-    bar.close()
-    if ddp:
-        dist.barrier()
-    if master:
-        cache_lib.join(teacher_cache, world_size, dict(cache_meta, teacher_config=asdict(tcfg)))
-    if ddp:
-        dist.barrier()
-    size = sum(os.path.getsize(os.path.join(teacher_cache, f"{s}.{k}.bin")) for s in ("train", "val")
-               for k in ("entries", "tokens"))
-    print0(f"built the teacher cache {teacher_cache} in {time.time() - t0:.0f} s: "
-           f"{size / ((n_train + n_val) * block_size):.1f} bytes per token")
 if teacher_cache:
-    cached = cache_lib.Cache(teacher_cache, block_size)
-    print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its samples "
-           f"(unbiased), teacher_val_ce and val_top1 exact")
+    tcache = cache.open_or_build(teacher_cache, cache_meta, teacher_model,
+                                 lambda split, w: load_windows(split, w)[:2],
+                                 {"train": n_train, "val": n_val}, block_size, batch_size, seed, rank,
+                                 world_size, sync=dist.barrier if ddp else (lambda: None), log=print0)
+    print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its "
+           f"samples (unbiased), teacher_val_ce and val_top1 exact")
 
 
-def cut_from_teacher(cfg):
-    """init_from=prune: the teacher runs over a seeded sample of train windows (each process its share, the sums
-    all-reduced); the student keeps its most important pieces, with the teacher's weights (prune.py)."""
-    from prune import importance, prune, select
-
-    t0 = time.time()
-    windows = np.random.default_rng(seed).permutation(n_train)[:prune_windows][rank::world_size]
-    sums = importance(teacher_model, (load_windows("train", windows[i:i + batch_size])[0]
-                                      for i in range(0, len(windows), batch_size)))
-    if ddp:
-        for v in sums.values():
-            dist.all_reduce(v)
-    keep = select(sums, teacher_model.config, cfg, prune_layers, prune_width)
-    print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s ({min(prune_windows, n_train)} "
-           f"windows): layers {keep['layers'].tolist()} of {teacher_model.config.n_layer}")
-    return prune(teacher_model, cfg, keep, sums).train()
+def calibration_batches():
+    # init_from=prune: a seeded sample of train windows; each process runs the teacher on its share
+    windows = np.random.default_rng(seed).permutation(n_train)[:prune_windows]
+    bar = progress(len(windows), "calibration", unit="windows", enabled=master)
+    mine = windows[rank::world_size]
+    for i in range(0, len(mine), batch_size):
+        yield load_windows("train", mine[i:i + batch_size])[0]
+        bar.update(len(mine[i:i + batch_size]) * world_size)
+    bar.close()
 
 
 if init_from == "prune":
-    raw_model = cut_from_teacher(ModelConfig(**model_args))
-else:
-    raw_model = Transformer(ModelConfig(**model_args), verbose=master)  # float32 (master weights under autocast)
-if init_from == "resume":
+    t0 = time.time()
+    print0(f"pruning the student out of the teacher: the teacher runs over "
+           f"{min(prune_windows, n_train)} windows of train.bin, its most important pieces are kept")
+    raw_model, keep = prune.cut(teacher_model, ModelConfig(**model_args), calibration_batches(),
+                                prune_layers, prune_width, all_reduce=dist.all_reduce if ddp else None)
+    print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s: layers "
+           f"{keep['layers'].tolist()} of {tcfg.n_layer}; Transformer: {raw_model.num_params():,} parameters")
+else:  # float32: the master weights under autocast
+    raw_model = Transformer(ModelConfig(**model_args), verbose=master)
+if ckpt is not None:
     raw_model.load_state_dict(ckpt["model"])
 raw_model.to(device)
-if cached is not None and teacher_model is not None:  # built the cache (or pruned from it): the cache takes over
-    teacher_model = w_t = None
+if tcache is not None and teacher_model is not None:  # built the cache (or pruned): the cache takes over
+    teacher_model = None
     if device_type == "cuda":
         torch.cuda.empty_cache()
 
 # -----------------------------------------------------------------------------
-# optimizer, GradScaler, resume
+# optimizer, GradScaler, the rest of the checkpoint
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel, no temporaries
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's small range needs loss scaling
+decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not biases and norms
+no_decay = [p for p in params if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's range: loss scaling
 iter_num, data_pos, best_val_ce = 0, (0, 0), float("inf")
-if init_from == "resume":
+if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] is not None and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
-    iter_num, data_pos, best_val_ce = ckpt["iter_num"], fit(tuple(ckpt["data_pos"])), ckpt["best_val_ce"]
+    iter_num, data_pos = ckpt["iter_num"], fit(tuple(ckpt["data_pos"]))
+    best_val_ce = ckpt["best_val_ce"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in config.items()
-               if k != "init_from" and ckpt["config"].get(k) != v]
-    print0(f"resuming {ckpt_path} at iter {iter_num}" + (": changed " + ", ".join(changed) if changed else ""))
-    del ckpt
+    ckpt = None  # its tensors are in the model and the optimizer now
 resumed_at = iter_num if init_from == "resume" else None
 
 model = torch.compile(raw_model) if compile else raw_model
 if compile and teacher_model is not None:
     teacher_model = torch.compile(teacher_model)
-train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+train_model = model
+if ddp:
+    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
+# -----------------------------------------------------------------------------
+# the loop's helpers: checkpoint, schedule, loss, evaluation, logging
 
 def save_checkpoint():
     if not master or not save:
         return
+    os.makedirs(out_dir, exist_ok=True)
     ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
-            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
+            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"), "meta": meta,
+            "world_size": world_size,
             # nothing random runs after the init (the data order comes from seed + epoch), but a future dropout
             # or sampling step would need these
             "rng": {"torch": torch.get_rng_state(),
@@ -438,13 +449,12 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def loss_fn(h_s, h_t, y, normalizer, teacher_out=None):
+def loss_fn(h_s, y, normalizer, side):
     # outside autocast: the loss runs in float32 whatever the student's dtype. It applies both heads itself, a
-    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor). teacher_out: the
-    # teacher cache's sampled teacher, instead of h_t
-    return distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha, temperature=temperature,
-                        vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta,
-                        normalizer=normalizer, sparse=teacher_out)
+    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor)
+    return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
+                        temperature=temperature, vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size,
+                        beta=kd_beta, normalizer=normalizer, sparse=side["sparse"])
 
 
 def all_reduce(stats):
@@ -458,7 +468,8 @@ def all_reduce(stats):
 def check_finite(what, value, bad_teacher):
     # before anything trains on it: a non-finite teacher output (fp16 overflow) or loss stops the run
     if bad_teacher:
-        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try --teacher_dtype=float32 or bfloat16")
+        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try --teacher_dtype=float32 or "
+            f"bfloat16")
     if not math.isfinite(value):
         die(f"non-finite {what} at iter {iter_num}; lower learning_rate" +
             ("" if dtype == "float32" else ", or try --dtype=float32"))
@@ -474,20 +485,23 @@ def evaluate():
     global teacher_val_ce
     sums = {k: torch.zeros((), device=device) for k in ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")}
     for i in range(0, len(my_val_windows), batch_size):
-        x, y, teacher_out = load_windows("val", my_val_windows[i:i + batch_size])
+        x, y, sparse = load_windows("val", my_val_windows[i:i + batch_size])
         with autocast:
             h_s = model(x)  # no dropout: train and eval modes are the same
-        h_t = teacher_model(x) if teacher_model is not None else None
-        _, s = loss_fn(h_s, h_t, y, 1.0, teacher_out)
-        if teacher_out is not None and teacher_val_ce is None:  # the cache holds the teacher's CE on each label
-            sums["teacher_ce"] += teacher_out["ce"][y != -100].sum()
+        side = teacher_side(x, sparse)
+        _, s = loss_fn(h_s, y, 1.0, side)
         for k in s.keys() & sums.keys():
             sums[k] += s[k]
-        if h_t is not None:
-            sums["bad_teacher"] += (~torch.isfinite(h_t)).any()
-            if teacher_val_ce is None:
-                sums["teacher_ce"] += distill_loss(h_t, w_t, None, None, y, alpha=0.0, vocab_size=vocab_size,
-                                                   chunk_size=kd_chunk_size, normalizer=1.0)[1]["ce"]
+        if side["h_t"] is not None:
+            sums["bad_teacher"] += (~torch.isfinite(side["h_t"])).any()
+        if teacher_val_ce is not None:
+            continue
+        if sparse is not None:  # the cache holds the teacher's CE on each label
+            sums["teacher_ce"] += sparse["ce"][y != -100].sum()
+        elif side["h_t"] is not None:
+            sums["teacher_ce"] += distill_loss(side["h_t"], side["w_t"], None, None, y, alpha=0.0,
+                                               vocab_size=vocab_size, chunk_size=kd_chunk_size,
+                                               normalizer=1.0)[1]["ce"]
     r = all_reduce(sums)
     check_finite("val_ce", r["ce"], r["bad_teacher"])
     n, has_teacher = r["n"], teacher is not None  # online or from the cache
@@ -495,15 +509,12 @@ def evaluate():
            "val_kl": r["kl"] / n if has_teacher else None, "val_top1": r["top1"] / n if has_teacher else None}
     if has_teacher and teacher_val_ce is None:
         teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
-        if cached is not None:
+        if tcache is not None:
             row["kl_estimated"] = True  # from the cache's samples: unbiased, not exact
     return row
 
 
-# -----------------------------------------------------------------------------
 # logging: a line per log_interval on rank 0, and the same as JSON in out_dir/log.jsonl
-
-
 class NoLogger:
     def log(self, row, step=None):
         pass
@@ -539,10 +550,22 @@ def log_row(row):  # eval rows have val_ce, train rows loss
         logger.log(row, step=row["iter"])
 
 
-# MFU: each part of a token's FLOPs over the peak of the dtype it runs in (a T4's float16 tensor cores are 8x its
-# float32): the student's body in dtype, its head in the float32 loss, the teacher's forward and head in
-# teacher_dtype. seconds_at_peak: what one token would take at those peaks; None on CPUs and unknown GPUs.
-seconds_at_peak = None
+# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16 tensor cores are
+# 8x its float32; float32 means TF32 where the GPU has it): the student's body in dtype, its head in the float32
+# loss, the teacher in teacher_dtype. The first entry whose words are all in the GPU's name wins; anything else
+# (and CPUs) gets mfu null.
+PEAK_FLOPS = [
+    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
+    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
+    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
+    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
+]
+seconds_at_peak = None  # what one token would take at those peaks
 if device_type == "cuda":
     words = torch.cuda.get_device_name(device).replace("-", " ").split()
     peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
@@ -554,13 +577,13 @@ if device_type == "cuda":
         seconds_at_peak = sum(f / peaks[d] for f, d in parts)
 
 
-def peak_mem_gb():  # (allocated, reserved): CUDA's most memory held by tensors and by its cache; CPU: peak RSS, None
+def peak_mem_gb():  # (allocated, reserved): CUDA's most held by tensors and by its cache; CPU: peak RSS, None
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9, torch.cuda.max_memory_reserved(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux reports KiB
 
 
-# Ctrl-C (and torchrun's SIGTERM) stop after the current step with a checkpoint; a second Ctrl-C aborts
+# from here on Ctrl-C (and torchrun's SIGTERM) stop after the current step with a checkpoint; a second aborts
 stop_requested = False
 
 
@@ -602,17 +625,15 @@ while True:
         dist.all_reduce(n_tokens)
     normalizer = n_tokens / world_size
     stats = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kl", "bad_teacher")}
-    for micro, (x, y, teacher_out) in enumerate(batches):
+    for micro, (x, y, sparse) in enumerate(batches):
         if ddp:  # all-reduce the gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
             h_s = train_model(x)  # (B, T, D_s) after the final norm
-        h_t = None
-        if teacher_model is not None:
-            with torch.no_grad():
-                h_t = teacher_model(x)  # (B, T, D_t)
-            stats["bad_teacher"] += (~torch.isfinite(h_t)).any()
-        loss, s = loss_fn(h_s, h_t, y, normalizer, teacher_out)
+        side = teacher_side(x, sparse)
+        if side["h_t"] is not None:
+            stats["bad_teacher"] += (~torch.isfinite(side["h_t"])).any()
+        loss, s = loss_fn(h_s, y, normalizer, side)
         scaler.scale(loss).backward()
         stats["loss"] += loss.detach()
         stats["ce"] += s["ce"]
@@ -634,17 +655,17 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
-        mfu = tps * seconds_at_peak / world_size if seconds_at_peak else None
         mem, reserved = peak_mem_gb()
-        row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher is not None else None,
-               "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "peak_mem_gb": mem,
-               "peak_reserved_gb": reserved}
-        log_row(row)
+        log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher is not None else None,
+                 "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
+                 "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None, "peak_mem_gb": mem,
+                 "peak_reserved_gb": reserved})
         t_log, log_from = time.time(), iter_num + 1
     iter_num += 1
     if r["stop"]:
         save_checkpoint()
-        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings and --init_from=resume")
+        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings and "
+               f"--init_from=resume")
         if ddp:
             dist.barrier()  # the others wait for rank 0's checkpoint
             dist.destroy_process_group()
@@ -661,7 +682,8 @@ if master and save:
         except FileNotFoundError as e:  # offline, say: the weights are still exported
             print(f"note: the tokenizer is not saved with the student: {e}", file=sys.stderr)
     raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
-    print(f"best val_ce {best_val_ce:.4f}; exported {hf_dir}", flush=True)
+    print(f"exported the student at iter {iter_num} (its last weights) to {hf_dir}; the best val_ce was "
+          f"{best_val_ce:.4f}", flush=True)
 if ddp:
     dist.barrier()  # the others wait for rank 0's export
     dist.destroy_process_group()

@@ -229,14 +229,56 @@ def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     return None
 
 
+# -----------------------------------------------------------------------------
+# distill.py's ckpt.pt
+
+
 def load_checkpoint(path):
     """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut short, a full
     disk) or not distill.py's."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
-        raise ValueError(f"{path} is damaged and cannot be read ({(str(e).splitlines() or [type(e).__name__])[0]}); "
-                         f"restore a copy, or start again elsewhere") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is damaged and cannot be read ({first}); restore a copy, or start again "
+                         f"elsewhere") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
     return ckpt
+
+
+SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")  # a resume keeps the checkpoint's
+ORDER = ("batch_size", "block_size", "gradient_accumulation_steps", "data_dir", "seed")  # they set the batches
+
+
+def compare_resume(ckpt, config, meta, world_size):
+    """A resume's settings and data against its checkpoint's. A ValueError (one line) if the data was made with
+    another tokenizer; else the lines that say what the checkpoint overrides, what makes the resume inexact and
+    what else changed. Updates config to the checkpoint's shape."""
+    old, old_meta, here = ckpt["config"], ckpt.get("meta") or {}, meta.get("tokenizer")
+    if old_meta and (old_meta["vocab_size"], old_meta["eos_id"]) != (meta["vocab_size"], meta["eos_id"]):
+        raise ValueError(f"the data has another tokenizer ({meta['vocab_size']} ids, EOS {meta['eos_id']}) than "
+                         f"the checkpoint's ({old_meta['vocab_size']} ids, EOS {old_meta['eos_id']}): resume on "
+                         f"the data it trained on, or start again")
+    lines = []
+    if ckpt.get("tokenizer") != here:  # another name: the same tokenizer elsewhere, or another one
+        try:
+            same = len({tuple(load_tokenizer(t or "")[0].encode(PROBE)) for t in (ckpt.get("tokenizer"), here)})
+        except ValueError as e:
+            lines.append(f"warning: cannot check that the data has the checkpoint's tokenizer: {e}")
+        else:
+            if same != 1:
+                raise ValueError(f"the data's tokenizer {here} encodes text into other ids than "
+                                 f"{ckpt.get('tokenizer')}, the checkpoint's: resume on the data it trained on")
+    ignored = [f"{k} {config[k]} (the checkpoint's {old[k]})" for k in SHAPE if old.get(k) != config[k]]
+    moved = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in ORDER if old.get(k) != config[k]]
+    if ckpt.get("world_size", world_size) != world_size:
+        moved.append(f"processes {ckpt['world_size']} -> {world_size}")
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items()
+               if k not in SHAPE + ORDER + ("init_from",) and old.get(k) != v]
+    for what, items in (("ignored, the student's shape is the checkpoint's", ignored),
+                        ("changed, so the resume is not exact (other batches)", moved), ("changed", changed)):
+        if items:
+            lines.append(f"  {what}: " + ", ".join(items))
+    config.update({k: old[k] for k in SHAPE if k in old})
+    return lines

@@ -145,3 +145,13 @@ def prune(teacher, scfg, keep, sums=None):
         sd[b + "mlp.up_proj.weight"] = t[a + "mlp.up_proj.weight"][n][:, ch]
         sd[b + "mlp.down_proj.weight"] = t[a + "mlp.down_proj.weight"][ch][:, n]
     return Transformer.from_state_dict(scfg, {k: v.float().contiguous() for k, v in sd.items()}, device=dev)
+
+
+def cut(teacher, scfg, batches, layers="importance", width="importance", all_reduce=None):
+    """init_from=prune in one call: calibrate on batches (token ids (B, T)), select, slice. all_reduce sums a tensor
+    over processes (DDP), so each can calibrate on its share. -> (the student in train mode, what it kept)."""
+    sums = importance(teacher, batches)
+    for v in sums.values() if all_reduce else ():
+        all_reduce(v)
+    keep = select(sums, teacher.config, scfg, layers, width)
+    return prune(teacher, scfg, keep, sums).train(), keep

@@ -358,3 +358,26 @@ def test_ddp_gradient_equals_one_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         assert (one[k] - two[k]).abs().max().item() <= 1e-6 + 1e-5 * one[k].abs().max().item(), k
+
+
+OLD = ["--teacher=None", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=16", "--intermediate_size=32",
+       "--block_size=32", "--batch_size=2", "--lr_decay_iters=8", "--eval_interval=2", "--eval_iters=1",
+       "--log_interval=1", "--device=cpu", "--compile=False", "--seed=1"]
+
+
+def test_an_older_checkpoint_resumes_exactly(tmp_path, data):
+    """tests/data/ckpt_v1.pt was written by distill.py before the split into loss.py and hf.py (commit 49881b8),
+    with OLD and --max_iters=4 on conftest's data. It resumes to 8 iterations as a run from scratch goes."""
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data"), tmp_path / "old",
+                    ignore=lambda d, names: [n for n in names if n != "ckpt_v1.pt"])
+    os.replace(tmp_path / "old" / "ckpt_v1.pt", tmp_path / "old" / "ckpt.pt")
+    resumed = run(f"--data_dir={data}", f"--out_dir={tmp_path / 'old'}", *OLD, "--max_iters=8",
+                  "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "max_iters 4 -> 8" in resumed.stdout
+    fresh = run(f"--data_dir={data}", f"--out_dir={tmp_path / 'new'}", *OLD, "--max_iters=8")
+    assert fresh.returncode == 0, fresh.stderr
+    old_rows, new_rows = read_log(tmp_path / "old")[0], read_log(tmp_path / "new")[0]
+    assert [r["iter"] for r in old_rows] == [4, 5, 6, 7]
+    for a, b in zip(old_rows, new_rows[4:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["iter"] == b["iter"]
