@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from configurator import progress
-
-from loss import _head
+from loss import head
 
 VERSION = 1
 TOKEN = np.dtype([("n", "u1"), ("entropy", "<f2"), ("argmax", "<u4"), ("ce", "<f2")])  # 9 bytes, unaligned
@@ -101,7 +100,7 @@ def window_entries(h, w, y, vocab, tau, samples, topk, generator, chunk=128):
     tokens TOKEN[T]). The teacher's logits are computed a chunk of tokens at a time, never all [T, V] at once."""
     entries, tokens = [], np.zeros(len(y), dtype=TOKEN)
     for i in range(0, len(y), chunk):
-        z = _head(h[i:i + chunk], w[:vocab], torch.empty(len(y[i:i + chunk]), vocab, device=h.device))
+        z = head(h[i:i + chunk], w[:vocab], torch.empty(len(y[i:i + chunk]), vocab, device=h.device))
         log_p1 = torch.log_softmax(z, -1)
         ce = -log_p1.gather(1, y[i:i + chunk, None]).squeeze(1)
         argmax = z.argmax(-1)

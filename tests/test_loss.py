@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loss import distill_loss  # noqa: E402
+import loss  # noqa: E402
+from loss import distill_loss, reference_loss  # noqa: E402
 
 B, T, V, D_S, D_T = 3, 11, 157, 16, 24  # B*T = 33 tokens, V not a multiple of anything
 
@@ -30,36 +31,15 @@ def make_inputs(seed=0, vocab=V - 20, n_ignore=5, dtype=torch.float32, scale=1.0
     return [x.to(dtype) for x in (h_s, w_s, h_t, w_t)] + [targets]
 
 
-def reference(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_size=None,
-              kind="forward_kl", beta=0.5, normalizer=None):
-    """The plain loss, float64, full logits. Returns loss, stats dict, grad_h_s, grad_w_s."""
+def reference(h_s, w_s, h_t, w_t, targets, **kw):
+    """loss.reference_loss in float64. Returns loss, stats dict, grad_h_s, grad_w_s."""
     hs = h_s.detach().double().requires_grad_()
     ws = w_s.detach().double().requires_grad_()
-    vocab = V if vocab_size is None else vocab_size
-    mask = targets != -100
-    assert (targets[mask] < vocab).all()
-    n = mask.sum().item()
-    N = max(n, 1) if normalizer is None else float(normalizer)
-    zs = (hs @ ws[:vocab].T)[mask]                                    # [n, vocab]
-    ce = F.cross_entropy(zs, targets[mask], reduction="sum") / N
-    stats = {"ce": ce, "n": torch.tensor(float(n))}
-    loss = (1 - alpha) * ce
-    if h_t is not None:
-        zt = (h_t.double() @ w_t.double()[:vocab].T)[mask]
-        ls, lt = F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1)
-        ps, pt = ls.exp(), lt.exp()
-        kl = (pt * (lt - ls)).sum() / N
-        if kind == "forward_kl":
-            div = kl
-        elif kind == "reverse_kl":
-            div = (ps * (ls - lt)).sum() / N
-        else:
-            m = beta * pt + (1 - beta) * ps
-            div = (beta * (pt * (pt.log() - m.log())).sum()
-                   + (1 - beta) * (ps * (ps.log() - m.log())).sum()) / N
-        loss = loss + alpha * temperature ** 2 * div
-        top1 = (zs.argmax(-1) == zt.argmax(-1)).sum() / N
-        stats.update(kl=kl, div=div, top1=top1)
+    if "vocab_size" not in kw or kw["vocab_size"] is None:
+        kw["vocab_size"] = V
+    assert (targets[targets != -100] < kw["vocab_size"]).all()
+    h_t, w_t = (None, None) if h_t is None else (h_t.double(), w_t.double())
+    loss, stats = reference_loss(hs, ws, h_t, w_t, targets, **kw)
     loss.backward()
     return loss.detach(), {k: v.detach() for k, v in stats.items()}, hs.grad, ws.grad
 
@@ -167,7 +147,8 @@ def test_low_precision_inputs(dtype):
 def test_ce_only_matches_cross_entropy():
     h_s, w_s, _, _, y = make_inputs(7)
     l, s, gh, gw = fused(h_s, w_s, None, None, y, alpha=0.0, vocab_size=V - 20, chunk_size=6)
-    assert set(s) == {"ce", "n"}
+    assert set(s) == {"ce", "kl", "div", "top1", "n"}  # the same keys in every mode: 0 without a teacher
+    assert s["kl"] == 0 and s["div"] == 0 and s["top1"] == 0
     hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
     ref = F.cross_entropy((hs @ ws[:V - 20].T).view(-1, V - 20), y.view(-1), ignore_index=-100)
     ref.backward()
