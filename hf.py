@@ -12,6 +12,7 @@ distill.py's ckpt.pt. model.py's Transformer.from_pretrained / save_pretrained c
 import json
 import os
 import shutil
+import sys
 
 import torch
 
@@ -163,6 +164,26 @@ def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
         src = os.path.join(tokenizer_dir, name)
         if os.path.exists(src):
             atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
+    if tokenizer_dir and (auto := auto_tokenizer_differs(out_dir)):
+        print(f"note: AutoTokenizer.from_pretrained({out_dir!r}) builds transformers' {auto}, which encodes text "
+              f"into other ids than this tokenizer.json; load it with PreTrainedTokenizerFast.from_pretrained("
+              f"{out_dir!r}), as hf.load_tokenizer does", file=sys.stderr)
+
+
+def auto_tokenizer_differs(hf_dir):
+    """The class name of AutoTokenizer.from_pretrained(hf_dir) if it encodes PROBE otherwise than tokenizer.json,
+    else None. transformers 5 maps any tokenizer beside a qwen2 config.json to Qwen2Tokenizer, which keeps the
+    vocabulary and merges but rebuilds Qwen2's normalizer and pre-tokenizer: a tokenizer of another pipeline
+    (GPT-2's, say) cannot be exported so that AutoTokenizer reads it as written."""
+    from transformers import AutoTokenizer
+
+    try:
+        exact, _ = load_tokenizer(hf_dir)
+        auto = AutoTokenizer.from_pretrained(hf_dir)
+    except Exception:  # transformers' many error types: no tokenizer to speak of
+        return None
+    same = auto(PROBE, add_special_tokens=False)["input_ids"] == exact(PROBE, add_special_tokens=False)["input_ids"]
+    return None if same else type(auto).__name__
 
 
 def special_token_ids(tokenizer_dir):
@@ -189,16 +210,20 @@ PROBE = "维基百科是一个自由的百科全书。Wikipedia, the free encycl
 
 
 def load_tokenizer(name):
-    """A fast tokenizer from a hub id or a local directory, and its EOS id. ValueError (one line) if it cannot be
-    loaded or cannot encode ordinary text: from a directory without tokenizer files transformers builds an empty
-    tokenizer, which would turn every document into nothing but its EOS."""
-    from transformers import AutoTokenizer
+    """A fast tokenizer from a hub id or a local directory, and its EOS id: tokenizer.json exactly as it is written,
+    whatever class transformers would map it to. (AutoTokenizer beside a qwen2 config.json, an exported model,
+    rebuilds Qwen2's normalizer and pre-tokenizer around any vocabulary: another tokenizer's ids.) ValueError (one
+    line) if it cannot be loaded or cannot encode ordinary text: from a directory without tokenizer files
+    transformers builds an empty tokenizer, which would turn every document into nothing but its EOS."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(name, TOKENIZER_FILES))
+        path = resolve_pretrained(name, TOKENIZER_FILES)
+        exact = os.path.exists(os.path.join(path, "tokenizer.json"))
+        tok = (PreTrainedTokenizerFast if exact else AutoTokenizer).from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"cannot load tokenizer '{name}' ({(str(e).splitlines() or [type(e).__name__])[0]}); offline, "
-                         f"point at a local directory with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
+        raise ValueError(f"cannot load tokenizer '{name}' ({first_line(e)}); offline, point at a local directory "
+                         f"with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
     if not tok.is_fast:
         raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
@@ -211,17 +236,30 @@ def load_tokenizer(name):
     return tok, eos
 
 
+def first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and the data's EOS id
     as its EOS or as the same token. Otherwise a run would go on, its loss falling, and teach the student nonsense.
-    Returns None when they agree, else (message, is_warning)."""
+    Returns None when they agree, else (message, is_warning): a warning is a sentence, a refusal reads "the
+    teacher's tokenizer MESSAGE the data's". Only a teacher without tokenizer files (or data that names no tokenizer) is a warning: files that
+    do not load cannot be compared, and are refused."""
     if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return f"no tokenizer beside the teacher {teacher_dir}: cannot check that it reads the data's ids", True
+    if not data_tokenizer:
+        return "the data's meta.json names no tokenizer: cannot check that the teacher reads the data's ids", True
     try:
         t_tok, t_eos = load_tokenizer(teacher_dir)
-        d_tok, _ = load_tokenizer(data_tokenizer or "")
     except ValueError as e:
-        return f"cannot compare the teacher's tokenizer with the data's: {e}", True
+        return (f"cannot be loaded ({e}; if the teacher reads the data's ids, copy the data's tokenizer files over "
+                f"the teacher's), so it cannot be compared with"), False
+    try:
+        d_tok, _ = load_tokenizer(data_tokenizer)
+    except ValueError as e:
+        return (f"cannot be compared (the data's tokenizer does not load: {e}; restore the tokenizer that "
+                f"meta.json names) with"), False
     if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
         return "encodes text into other ids than", False
     if eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
@@ -239,9 +277,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is damaged and cannot be read ({first}); restore a copy, or start again "
-                         f"elsewhere") from None
+        raise ValueError(f"{path} is damaged and cannot be read ({first_line(e)}); "
+                         f"restore a copy, or start again elsewhere") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
     return ckpt
