@@ -5,7 +5,7 @@ The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the stude
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
   model(idx) gives the final hidden states; model.lm_head(h) the logits.
 - from_pretrained / save_pretrained: Hugging Face Qwen2/Qwen3 checkpoints (hf.py does the file work).
-- generate / stream: sampling with a KV cache.
+- generate / stream: sampling with a KV cache; speculative decoding with a draft model (the student).
 
 The distillation loss, which applies the heads itself a chunk of tokens at a time, is loss.py.
 
@@ -13,7 +13,6 @@ The module names follow Hugging Face's (minus the leading "model."), so loading 
 """
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -110,16 +109,20 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, nkv, pos + T, hs)
-        # a prefill (from position 0) is causal; one new token attends to everything cached
-        causal = T > 1
+        # A prefill from position 0 is causal; one new token attends to everything cached. Several new tokens after
+        # cached ones (speculative decoding's check) need the causal mask aligned lower-right: is_causal aligns it
+        # top-left, which is wrong once the keys outnumber the queries.
+        S = k.size(2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if 1 < T < S else None
+        causal = T > 1 and mask is None
         if self.n_kv_head == self.n_head:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         elif self.flash_gqa and q.dtype in (torch.float16, torch.bfloat16):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -149,7 +152,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim), filled at pos."""
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim), filled at pos. Setting
+    pos back forgets the tokens after it (a rejected draft): the next update overwrites them."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -242,7 +246,6 @@ class Transformer(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        assert pos == 0 or T == 1, "the KV cache takes a prefill from position 0, then one token at a time"
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         if self.fp32_residual:
@@ -255,22 +258,26 @@ class Transformer(nn.Module):
     # generation
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
-        """Yields the next token of every row, (B,), one step at a time, with a KV cache."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, draft=None,
+               draft_len=4, stats=None):
+        """Yields the next token of every row, (B,), one step at a time, with a KV cache; stops at max_seq_len
+        (the caller says so if it matters: sample.py does). With a draft model of the same vocabulary, speculative
+        decoding (batch size 1): the tokens follow this model's distribution exactly, and at temperature 0 they are
+        its greedy tokens; stats, a dict if given, counts drafted and accepted tokens and this model's calls."""
         B, T = idx.shape
         room = self.config.max_seq_len - T
         if room <= 0:
             raise ValueError(f"the prompt ({T} tokens) leaves no room below max_seq_len={self.config.max_seq_len}")
-        if max_new_tokens > room:
-            print(f"note: stopping after {room} new tokens, at max_seq_len={self.config.max_seq_len}",
-                  file=sys.stderr)
-            max_new_tokens = room
+        max_new_tokens = min(max_new_tokens, room)
+        if draft is not None:
+            yield from self._speculate(idx, max_new_tokens, (temperature, top_k, top_p), eos_id, draft, draft_len,
+                                       {} if stats is None else stats)
+            return
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.embed_tokens.weight.dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()  # (h is float32 with fp32_residual)
-            nxt = sample_next(logits, temperature, top_k, top_p)
+            nxt = sample_next(self.logits(h), temperature, top_k, top_p)
             yield nxt
             if eos_id is not None:
                 done |= nxt == eos_id
@@ -279,10 +286,54 @@ class Transformer(nn.Module):
             if cache.pos < cache.k.size(3):
                 h = self(nxt[:, None], cache)[:, -1]
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, draft=None,
+                 draft_len=4, stats=None):
         """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops early once every row emitted eos_id."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, draft, draft_len, stats))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    def logits(self, h):  # float32 logits of hidden states (h is float32 over float16 weights with fp32_residual)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    def _speculate(self, idx, max_new_tokens, sampling, eos_id, draft, gamma, stats):
+        # Leviathan et al. (2023), with p this model's distribution and q the draft's (Chen et al. swap the letters).
+        # A round: the draft proposes g tokens one at a time; this model scores the last emitted token and the g
+        # proposals in one call (g + 1 distributions); speculative_accept keeps a prefix of the proposals and adds
+        # one token of its own. Then both caches roll back to the kept tokens. Invariant at a round's start: this
+        # model's cache holds all but the last token of ctx, the draft's all but the last one or two.
+        if idx.size(0) != 1:
+            raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), got {idx.size(0)}")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} rows) is not this model's "
+                             f"({self.config.vocab_size}): it must be the same")
+        T, end = idx.size(1), idx.size(1) + max_new_tokens
+        cache = KVCache(self.config, 1, end, idx.device, self.embed_tokens.weight.dtype)
+        dcache = KVCache(draft.config, 1, min(end, draft.config.max_seq_len), idx.device,
+                         draft.embed_tokens.weight.dtype)
+        if T > 1:
+            self(idx[:, :-1], cache), draft(idx[:, :-1], dcache)
+        ctx = idx
+        while ctx.size(1) < end:
+            L = ctx.size(1)
+            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L))  # near the end: fewer, or none
+            x, drafted, q = ctx[:, dcache.pos:], [], []
+            for _ in range(g):
+                q.append(filtered_probs(draft.logits(draft(x, dcache)[:, -1]), *sampling))  # (1, V)
+                x = torch.multinomial(q[-1], 1)  # (1, 1); temperature 0: q is one-hot, x its argmax
+                drafted.append(x)
+            drafted = torch.cat([ctx[:, :0]] + drafted, dim=1)  # (1, g)
+            p = filtered_probs(self.logits(self(torch.cat([ctx[:, -1:], drafted], 1), cache)), *sampling)
+            n, nxt = speculative_accept(p, torch.stack(q, 1) if g else p[:, :0], drafted)
+            n = n.item()
+            cache.pos, dcache.pos = L + n, min(dcache.pos, L + n)  # the rollback
+            for key, count in (("drafted", g), ("accepted", n), ("calls", 1)):
+                stats[key] = stats.get(key, 0) + count
+            new = torch.cat([drafted[:, :n], nxt[:, None]], dim=1)
+            for tok in new[0]:
+                yield tok[None]
+                if tok.item() == eos_id:
+                    return
+            ctx = torch.cat([ctx, new], dim=1)
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints (hf.py reads and writes the files)
@@ -333,21 +384,47 @@ class Transformer(nn.Module):
 # sampling
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (..., V) float32 -> the distribution sample_next draws from, (..., V): after temperature, top-k and
+    top-p; temperature 0 gives the one-hot of the argmax."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1)[:, 0]
+
+
+def speculative_accept(p, q, drafted):
+    """Speculative decoding's rule, for N independent rows at once. p (N, g + 1, V): the target's distributions
+    at the g drafted positions and the one after; q (N, g, V): the draft's, from which drafted (N, g) was drawn.
+    -> (n, nxt), both (N,): keep the first n drafted tokens, then emit nxt. Token i is accepted with probability
+    min(1, p(x) / q(x)); at the first rejection nxt is drawn from max(0, p - q) renormalized, and when all g pass,
+    from p at position g (the bonus token). Every emitted token then follows p exactly."""
+    N, g = drafted.shape
+    px = p[:, :g].gather(-1, drafted[..., None])[..., 0]
+    qx = q.gather(-1, drafted[..., None])[..., 0]
+    ok = torch.rand_like(qx) * qx < px  # u < p / q without dividing; never when p(x) = 0
+    n = ok.int().cumprod(dim=-1).sum(dim=-1)  # the accepted prefix
+    rows = torch.arange(N, device=p.device)
+    pn, qn = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]  # q is 0 at the bonus position: the residual is p there
+    residual = (pn - qn).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pn)  # p = q up to rounding: p itself
+    return n, torch.multinomial(residual, 1)[:, 0]
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

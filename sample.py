@@ -4,6 +4,7 @@ Generate text from the distilled student, or from any Qwen2 checkpoint (the teac
     python sample.py                                   # the student in out/
     python sample.py --init_from=Qwen/Qwen2.5-0.5B     # the teacher, through our model.py
     python sample.py --init_from=out/hf --start=FILE:prompt.txt --temperature=0
+    python sample.py --init_from=Qwen/Qwen2.5-1.5B --draft=out   # the student drafts for a teacher (speculative)
 """
 
 import os
@@ -27,13 +28,17 @@ top_p = None  # nucleus sampling: keep the most likely tokens up to this mass (N
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
+draft = None  # a draft model of init_from's vocabulary (the student: out_dir, HF directory, hub id): speculative
+draft_len = 4  # tokens the draft proposes per call of init_from's model
 config = configure(globals())
 check(config, {
     "init_from": ((lambda v: isinstance(v, str) and v != ""), "a directory or a hub id"),
     "start": ((lambda v: isinstance(v, str)), "text, or FILE:path"), "num_samples": at_least(1),
     "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(1, or_none=True),
     "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1] or None"), "seed": at_least(0),
-    "device": DEVICE, "dtype": one_of("auto", *DTYPES)})
+    "device": DEVICE, "dtype": one_of("auto", *DTYPES),
+    "draft": ((lambda v: v is None or isinstance(v, str) and v != ""), "a directory or a hub id, or None"),
+    "draft_len": at_least(1)})
 # -----------------------------------------------------------------------------
 
 
@@ -60,6 +65,7 @@ def main():
     try:
         model, tok_path = load(init_from, device, dt)
         tokenizer, eos_id = load_tokenizer(tok_path or "")
+        draft_model = load(draft, device, dt)[0] if draft else None
     except (OSError, ValueError, KeyError) as e:
         die(f"{e}".splitlines()[0])
     prompt = start
@@ -75,11 +81,20 @@ def main():
     if len(ids) >= model.config.max_seq_len:
         die(f"the prompt is {len(ids)} tokens, and the model takes {model.config.max_seq_len} in all: shorten it")
     x = torch.tensor([ids], dtype=torch.long, device=device)
+    if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
+        die(f"the draft {draft} has {draft_model.config.vocab_size} vocabulary rows and {init_from} "
+            f"{model.config.vocab_size}: a draft needs the same vocabulary")
     print(f"{init_from}: {model.num_params():,} parameters, {dt}, {device}", file=sys.stderr)
+    if draft_model is not None:
+        print(f"draft {draft}: {draft_model.num_params():,} parameters, {draft_len} tokens per call", file=sys.stderr)
+    room = model.config.max_seq_len - len(ids)
+    if max_new_tokens > room:
+        print(f"note: stopping after {room} new tokens, at max_seq_len={model.config.max_seq_len}", file=sys.stderr)
     for _ in range(num_samples):
-        out, shown, t0 = list(ids), tokenizer.decode(ids, skip_special_tokens=True), time.time()
+        out, shown, t0, stats = list(ids), tokenizer.decode(ids, skip_special_tokens=True), time.time(), {}
         print(shown, end="", flush=True)
-        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id):
+        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id, draft=draft_model,
+                                draft_len=draft_len, stats=stats):
             if tok.item() == eos_id:
                 break
             out.append(tok.item())
@@ -90,6 +105,10 @@ def main():
         new = len(out) - len(ids)
         print("\n---------------", flush=True)
         print(f"{new} tokens, {new / (time.time() - t0):.1f} tokens/s", file=sys.stderr)
+        if stats:
+            print(f"draft: {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
+                  f"({stats['accepted'] / max(stats['drafted'], 1):.1%}), "
+                  f"{(stats['accepted'] + stats['calls']) / stats['calls']:.2f} tokens per teacher call", file=sys.stderr)
 
 
 if __name__ == "__main__":

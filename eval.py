@@ -1,0 +1,266 @@
+"""
+How much of the teacher did the student learn, and how fast does it make the teacher as a draft model?
+
+    python eval.py --student=out --teacher=Qwen/Qwen2.5-0.5B            # on data/wiki_zh/val.bin
+    python eval.py --student=out_kd,out_ce --data=held_out.jsonl         # several students; text the teacher tokenizes
+
+On held-out tokens, teacher-forced, for the teacher and each student: val CE and perplexity; per student the
+KL(teacher || student), top-1 agreement (the acceptance of greedy drafting) and the acceptance
+a = sum_v min(p_v, q_v) = 1 - TV(p, q) with p the teacher's and q the student's distribution, at temperature 1 and
+at the sampling settings below. Then real speculative decoding (model.py's generate with draft=student) from
+held-out prompts at each draft length g: tokens per teacher call, the draft's acceptance rate, c (the draft's
+generation time per token over the teacher's, both alone: prefill included), the speed-up that a and c predict,
+
+    speed-up = (1 - a^(g+1)) / ((1 - a) (g c + 1))            (Leviathan et al. 2023)
+
+and the measured wall-clock speed-up over the teacher generating alone: same prompts, same device, same tokens.
+A table on the terminal; the same numbers in the JSON file `out`.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import DEVICE, at_least, check, check_device, configure, die, one_of, progress
+from hf import atomic_write, check_tokenizers, load_checkpoint, load_tokenizer, resolve_pretrained
+from model import DTYPES, ModelConfig, Transformer, auto_dtype, filtered_probs
+
+# -----------------------------------------------------------------------------
+student = "out"  # a distill.py out_dir, a Hugging Face directory or a hub id; several, separated by commas
+teacher = "Qwen/Qwen2.5-0.5B"  # the model the students draft for (the same kinds of path)
+data = "data/wiki_zh"  # a prepare.py data_dir (its val.bin), or a held-out .txt/.jsonl the teacher's tokenizer reads
+block_size = 256  # tokens per teacher-forced window
+windows = 64  # teacher-forced windows of val (evenly spread; fewer if val is shorter): windows * block_size tokens
+batch_size = 4  # windows per forward pass
+chunk_size = 128  # tokens whose logits exist at once: never (batch, block, vocab)
+temperature = 1.0  # the sampling settings of the second acceptance and of the generation; 0 = greedy
+top_k = None  # keep only the k most likely tokens (None: all)
+top_p = None  # nucleus: the most likely tokens up to this mass (None: all)
+draft_lens = "1,2,4,8"  # draft lengths g to generate with, comma-separated
+prompts = 8  # held-out prompts to generate from (each model alone, then speculative at every g)
+prompt_len = 32  # tokens per prompt
+new_tokens = 64  # tokens generated per prompt (EOS does not stop it: every run makes the same number)
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
+out = "eval.json"  # the numbers as JSON
+config = configure(globals())
+check(config, {
+    "student": ((lambda v: isinstance(v, str) and all(v.split(","))), "one or more paths, comma-separated"),
+    "teacher": ((lambda v: isinstance(v, str) and v != ""), "a directory or a hub id"),
+    "data": ((lambda v: isinstance(v, str) and v != ""), "a data_dir or a .txt/.jsonl file"),
+    "block_size": at_least(2), "windows": at_least(1), "batch_size": at_least(1), "chunk_size": at_least(1),
+    "temperature": at_least(0), "top_k": at_least(1, or_none=True),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1] or None"),
+    "draft_lens": ((lambda v: all(int(g) >= 1 for g in str(v).split(","))), "draft lengths >= 1, comma-separated"),
+    "prompts": at_least(0), "prompt_len": at_least(1), "new_tokens": at_least(1), "seed": at_least(0),
+    "device": DEVICE, "dtype": one_of("auto", *DTYPES), "out": ((lambda v: isinstance(v, str) and v), "a path")})
+# -----------------------------------------------------------------------------
+
+
+def load(path, device, dtype):
+    """A distill.py out_dir (its ckpt.pt), a Hugging Face directory or a hub id -> (model, tokenizer path or None),
+    as sample.py loads them."""
+    ckpt_path = os.path.join(path, "ckpt.pt")
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
+        hf_dir = os.path.join(path, "hf")
+        tok = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt.get("tokenizer")
+        return model.to(device=device, dtype=dtype), tok
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
+                                f"(a Hugging Face model directory)")
+    path = resolve_pretrained(path)
+    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
+
+
+def held_out(tok_path):
+    """The held-out token ids, int64: a data_dir's val.bin, or a text file through the teacher's tokenizer (each
+    document followed by EOS, as prepare.py writes the bins)."""
+    if os.path.isdir(data):
+        try:
+            with open(os.path.join(data, "meta.json")) as f:
+                meta = json.load(f)
+            ids = np.fromfile(os.path.join(data, "val.bin"), dtype=meta["dtype"]).astype(np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            die(f"{data}: not a prepare.py data_dir with meta.json and val.bin ({type(e).__name__}: {e})")
+        if tok_path and (found := check_tokenizers(tok_path, meta.get("tokenizer"), meta.get("eos_id"))):
+            if not found[1]:
+                die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta.get('tokenizer')}): "
+                    f"prepare held-out data with the teacher's tokenizer, or give a text file as --data")
+            print(f"warning: {found[0]}", file=sys.stderr)
+        return ids
+    if os.path.splitext(data)[1] not in (".txt", ".jsonl"):
+        die(f"--data={data}: neither a data_dir nor a .txt/.jsonl file")
+    if not os.path.exists(data):
+        die(f"--data={data}: no such file")
+    from prepare import read_files
+    try:
+        tok, eos = load_tokenizer(tok_path or "")
+    except ValueError as e:
+        die(f"the teacher's tokenizer: {e}")
+    ids = []
+    for text in read_files([data], "text"):
+        ids += tok.encode(text, add_special_tokens=False) + [eos]
+    return np.array(ids, dtype=np.int64)
+
+
+KEYS = ("ce", "kl", "top1", "accept_t1", "accept")  # per student, summed over tokens
+
+
+def teacher_forced(t_model, models, x, y, sampling, chunk):
+    """Sums over the tokens of x (B, T) -> y: the teacher's CE, and per student its CE, KL(p || q), top-1
+    agreements, sum min(p, q) at temperature 1 and after sampling; chunk tokens' logits at a time."""
+    h_t = t_model(x).flatten(0, 1)
+    h_s = [m(x).flatten(0, 1) for m in models]
+    y = y.flatten()
+    teacher_ce, sums = 0.0, [dict.fromkeys(KEYS, 0.0) for _ in models]
+    for i in range(0, y.numel(), chunk):
+        z_t, yc = t_model.logits(h_t[i:i + chunk]), y[i:i + chunk]
+        logp = z_t.log_softmax(-1)
+        p, p_s = logp.exp(), filtered_probs(z_t, *sampling)
+        teacher_ce += F.cross_entropy(z_t, yc, reduction="sum").item()
+        for m, h, s in zip(models, h_s, sums):
+            z_s = m.logits(h[i:i + chunk])
+            logq = z_s.log_softmax(-1)
+            s["ce"] += F.cross_entropy(z_s, yc, reduction="sum").item()
+            s["kl"] += (p * (logp - logq)).sum().item()
+            s["top1"] += (z_t.argmax(-1) == z_s.argmax(-1)).sum().item()
+            s["accept_t1"] += torch.minimum(p, logq.exp()).sum().item()
+            s["accept"] += torch.minimum(p_s, filtered_probs(z_s, *sampling)).sum().item()
+    return teacher_ce, sums
+
+
+def timed(fn):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
+
+
+def predicted(a, g, c):  # (tokens per teacher call, speed-up) from acceptance a, draft length g, cost ratio c
+    tokens = g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
+    return tokens, tokens / (g * c + 1)
+
+
+def main():
+    torch.manual_seed(seed)
+    check_device(device)
+    dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
+    sampling = (temperature, top_k, top_p)
+    gs = [int(g) for g in str(draft_lens).split(",")]
+    names = student.split(",")
+    try:
+        t_model, tok_path = load(teacher, device, dt)
+        students = [load(name, device, dt)[0] for name in names]
+    except (OSError, ValueError, KeyError) as e:
+        die(f"{e}".splitlines()[0])
+    V = t_model.config.vocab_size
+    for name, m in zip(names, students):
+        if m.config.vocab_size != V:
+            die(f"the student {name} has {m.config.vocab_size} vocabulary rows and the teacher {V}: a draft needs "
+                f"the teacher's vocabulary (distill from this teacher)")
+    ids = held_out(tok_path)
+    if ids.size and ids.max() >= V:
+        die(f"{data} holds token id {ids.max()}, beyond the teacher's {V} rows: data of another tokenizer?")
+    block = min(block_size, t_model.config.max_seq_len - 1, *(m.config.max_seq_len - 1 for m in students))
+    n = len(ids) // (block + 1)
+    if n == 0:
+        die(f"{data} holds {len(ids)} held-out tokens, fewer than one window of {block + 1}: give more text")
+    count = min(windows, n)
+    win = torch.from_numpy(ids[:n * (block + 1)].reshape(n, block + 1)[np.arange(count) * n // count]).to(device)
+    print(f"teacher {teacher}: {t_model.num_params():,} parameters; {len(names)} student(s); {count} windows of "
+          f"{block} tokens from {data}; {dt}, {device}", file=sys.stderr)
+
+    # 1. teacher-forced
+    teacher_ce, total = 0.0, [dict.fromkeys(KEYS, 0.0) for _ in students]
+    bar = progress(count * block, "teacher-forced", unit="tokens")
+    with torch.no_grad():
+        for i in range(0, count, batch_size):
+            x = win[i:i + batch_size]
+            ce, sums = teacher_forced(t_model, students, x[:, :-1], x[:, 1:], sampling, chunk_size)
+            teacher_ce += ce
+            for acc, s in zip(total, sums):
+                for k in acc:
+                    acc[k] += s[k]
+            bar.update(x[:, 1:].numel())
+    bar.close()
+    tokens = count * block
+    result = {"teacher": teacher, "data": data, "tokens": tokens, "settings": config,
+              "teacher_val_ce": teacher_ce / tokens, "students": {}}
+    for name, acc in zip(names, total):
+        r = {k: v / tokens for k, v in acc.items()}
+        r["val_ce"] = r.pop("ce")
+        r["val_ppl"] = float(np.exp(r["val_ce"]))
+        result["students"][name] = r
+
+    # 2. speculative generation from held-out prompts (the starts of evenly spread windows)
+    plen = min(prompt_len, block)
+    starts = [win[i * count // prompts, :plen][None] for i in range(prompts)] if prompts else []
+    bar = progress(len(starts) * len(students) * (len(gs) + 2), "generation", unit="runs")
+    for name, m in zip(names, students):
+        gen = dict(teacher_s=0.0, draft_s=0.0, tokens=0, g={g: dict(s=0.0, drafted=0, accepted=0, calls=0)
+                                                            for g in gs})
+        if starts:  # warm-up: the first calls of a model pay for allocations, kernels, caches
+            for fn in (t_model, m):
+                fn.generate(starts[0], 4, *sampling)
+        for x in starts:
+            made, s = timed(lambda: t_model.generate(x, new_tokens, *sampling))
+            gen["teacher_s"], gen["tokens"] = gen["teacher_s"] + s, gen["tokens"] + made.size(1) - plen
+            gen["draft_s"] += timed(lambda: m.generate(x, new_tokens, *sampling))[1]
+            bar.update(2)
+            for g in gs:
+                stats = {}
+                gen["g"][g]["s"] += timed(lambda: t_model.generate(x, new_tokens, *sampling, draft=m, draft_len=g,
+                                                                   stats=stats))[1]
+                for k in ("drafted", "accepted", "calls"):
+                    gen["g"][g][k] += stats[k]
+                bar.update()
+        r = result["students"][name]
+        r["c"] = gen["draft_s"] / gen["teacher_s"] if starts else None
+        r["generation"] = {}
+        for g, st in gen["g"].items():
+            if not starts:
+                break
+            pred_tokens, pred_speedup = predicted(r["accept"], g, r["c"])
+            r["generation"][g] = dict(tokens_per_call=gen["tokens"] / st["calls"],
+                                      acceptance=st["accepted"] / max(st["drafted"], 1),
+                                      predicted_tokens_per_call=pred_tokens, predicted_speedup=pred_speedup,
+                                      speedup=gen["teacher_s"] / st["s"], **st)
+    bar.close()
+    report(result, gs)
+    atomic_write(out, lambda p: open(p, "w").write(json.dumps(result, indent=1) + "\n"))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def report(result, gs):
+    sampled = f"T {temperature}" + (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p}" if top_p else "")
+    print(f"\nteacher {result['teacher']}: val CE {result['teacher_val_ce']:.3f} "
+          f"(ppl {np.exp(result['teacher_val_ce']):.1f}), {result['tokens']:,} held-out tokens\n")
+    print(f"| student | val CE | val ppl | KL(teacher \\|\\| student) | top-1 agreement (a greedy) | a at T 1 | "
+          f"a at {sampled} |\n|---|---|---|---|---|---|---|")
+    for name, r in result["students"].items():
+        print(f"| {name} | {r['val_ce']:.3f} | {r['val_ppl']:.1f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+              f"{r['accept_t1']:.3f} | {r['accept']:.3f} |")
+    if not any(r["generation"] for r in result["students"].values()):
+        return
+    print(f"\nspeculative generation at {sampled}: {prompts} prompts of {prompt_len} tokens, {new_tokens} new "
+          f"tokens each\n\n| student | g | c | tokens per teacher call (predicted) | acceptance | "
+          f"speed-up predicted | speed-up measured |\n|---|---|---|---|---|---|---|")
+    for name, r in result["students"].items():
+        for g, s in r["generation"].items():
+            print(f"| {name} | {g} | {r['c']:.3f} | {s['tokens_per_call']:.2f} ({s['predicted_tokens_per_call']:.2f})"
+                  f" | {s['acceptance']:.3f} | {s['predicted_speedup']:.2f}x | {s['speedup']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
