@@ -311,7 +311,7 @@ class Transformer(nn.Module):
         ctx = idx
         while ctx.size(1) < end:
             L = ctx.size(1)
-            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L))  # near the end: fewer, or none
+            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L + 1))  # near the ends: fewer, or none
             x, drafted, q = ctx[:, dcache.pos:], [], []
             for _ in range(g):
                 q.append(filtered_probs(draft.logits(draft(x, dcache)[:, -1]), *sampling))  # (1, V)
