@@ -264,4 +264,7 @@ def report(result, gs):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(f"eval.py: interrupted; {out} was not written")
