@@ -547,8 +547,74 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cud
               f"bench.py gpu took {time.time() - t0:.0f} s", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# speculative decoding vs plain generation
+
+
+def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
+    """Greedy generation by the teacher alone, the draft alone and the teacher with the draft (model.py's
+    speculative decoding), tokens/s side by side, at the KD-vs-CE experiment's sizes and at the real shapes
+    (Qwen2.5-0.5B drafted for by student-123m), random weights. Random drafts are never accepted, so the
+    speculative rows force the acceptance (speculative_accept replaced): all g drafts pass, or none. They measure
+    the cost ratio c and what a call costs around the models, not a real acceptance: eval.py measures that."""
+    import dataclasses
+
+    import model as model_lib
+    from model import CONFIGS, ModelConfig, Transformer
+
+    new_tokens, prompt_len, g, repeats = int(new_tokens), int(prompt_len), int(draft_len), int(repeats)
+    exp = dict(vocab_size=4096, head_dim=64, max_seq_len=256, rope_theta=1e6)  # experiments/kd_vs_ce.py, "full"
+    shapes = {"experiment: 4 x 256 teacher, 2 x 128 student, vocab 4,096":
+              (ModelConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=768, **exp),
+               ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=128, intermediate_size=384, **exp)),
+              "real: Qwen2.5-0.5B teacher, student-123m draft":
+              tuple(dataclasses.replace(CONFIGS[k], max_seq_len=256) for k in ("qwen2.5-0.5b", "student-123m"))}
+    real_accept = model_lib.speculative_accept
+
+    def forced(passes):  # every draft passes (passes=True) or none; then the teacher's argmax, as greedy would
+        def accept(p, q, drafted):
+            n = torch.full((p.size(0),), drafted.size(1) if passes else 0, dtype=torch.long, device=p.device)
+            return n, p[torch.arange(p.size(0)), n].argmax(-1)
+        return accept
+
+    print(f"greedy, {prompt_len} + {new_tokens} tokens, g = {g}, float32, CPU ({machine()}); medians of {repeats} "
+          f"after a warm-up, the runs interleaved\n")
+    rows = []
+    for name, (tcfg, dcfg) in shapes.items():
+        torch.manual_seed(0)
+        teacher, draft = Transformer(tcfg, verbose=False).eval(), Transformer(dcfg, verbose=False).eval()
+        prompt = torch.randint(0, tcfg.vocab_size, (1, prompt_len))
+        stats = {}
+
+        def spec(key):
+            def run():
+                model_lib.speculative_accept = forced(key == "all")
+                try:
+                    stats[key] = {}
+                    teacher.generate(prompt, new_tokens, 0.0, draft=draft, draft_len=g, stats=stats[key])
+                finally:
+                    model_lib.speculative_accept = real_accept
+            return run
+
+        t = interleaved({"teacher": lambda: teacher.generate(prompt, new_tokens, 0.0),
+                         "draft": lambda: draft.generate(prompt, new_tokens, 0.0),
+                         "all": spec("all"), "none": spec("none")}, repeats)
+        c = t["draft"] / t["teacher"]
+        rows += [[name, "teacher alone", "-", f"{new_tokens / t['teacher']:.1f}", "1.00x", "1.00x"],
+                 ["", f"draft alone (c = {c:.3f})", "-", f"{new_tokens / t['draft']:.1f}",
+                  f"{t['teacher'] / t['draft']:.2f}x", "-"]]
+        for key, what, a in (("all", "all drafts pass", 1.0), ("none", "no draft passes", 0.0)):
+            per_call = new_tokens / stats[key]["calls"]
+            predicted = (g + 1 if a else 1) / (g * c + 1)
+            rows.append(["", f"speculative, {what}", f"{per_call:.2f}", f"{new_tokens / t[key]:.1f}",
+                         f"{t['teacher'] / t[key]:.2f}x", f"{predicted:.2f}x"])
+        del teacher, draft
+    table(["shapes", "generation", "tokens per teacher call", "tokens/s", "vs teacher alone",
+           "predicted (1 - a^(g+1)) / ((1 - a)(g c + 1))"], rows)
+
+
 SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step,
-            "cache": bench_cache, "gpu": bench_gpu}
+            "cache": bench_cache, "gpu": bench_gpu, "spec": bench_spec}
 CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks,
             "cache_pair": cache_pair}
 

@@ -208,15 +208,16 @@ def main():
     starts = [win[i * count // prompts, :plen][None] for i in range(prompts)] if prompts else []
     bar = progress(len(starts) * len(students) * (len(gs) + 2), "generation", unit="runs")
     for name, m in zip(names, students):
-        gen = dict(teacher_s=0.0, draft_s=0.0, tokens=0, g={g: dict(s=0.0, drafted=0, accepted=0, calls=0)
-                                                            for g in gs})
+        gen = dict(teacher_s=0.0, draft_s=0.0, tokens=0, draft_tokens=0,
+                   g={g: dict(s=0.0, drafted=0, accepted=0, calls=0) for g in gs})
         if starts:  # warm-up: the first calls of a model pay for allocations, kernels, caches
             for fn in (t_model, m):
                 fn.generate(starts[0], 4, *sampling)
         for x in starts:
             made, s = timed(lambda: t_model.generate(x, new_tokens, *sampling))
             gen["teacher_s"], gen["tokens"] = gen["teacher_s"] + s, gen["tokens"] + made.size(1) - plen
-            gen["draft_s"] += timed(lambda: m.generate(x, new_tokens, *sampling))[1]
+            made, s = timed(lambda: m.generate(x, new_tokens, *sampling))  # fewer at the draft's max_seq_len
+            gen["draft_s"], gen["draft_tokens"] = gen["draft_s"] + s, gen["draft_tokens"] + made.size(1) - plen
             bar.update(2)
             for g in gs:
                 stats = {}
@@ -226,7 +227,7 @@ def main():
                     gen["g"][g][k] += stats[k]
                 bar.update()
         r = result["students"][name]
-        r["c"] = gen["draft_s"] / gen["teacher_s"] if starts else None
+        r["c"] = (gen["draft_s"] / gen["draft_tokens"]) / (gen["teacher_s"] / gen["tokens"]) if starts else None
         r["generation"] = {}
         for g, st in gen["g"].items():
             if not starts:
@@ -263,4 +264,7 @@ def report(result, gs):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(f"eval.py: interrupted; {out} was not written")

@@ -109,9 +109,8 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, nkv, pos + T, hs)
-        # A prefill from position 0 is causal; one new token attends to everything cached. Several new tokens after
-        # cached ones (speculative decoding's check) need the causal mask aligned lower-right: is_causal aligns it
-        # top-left, which is wrong once the keys outnumber the queries.
+        # A prefill from position 0 is causal; one new token attends to everything cached; several after cached ones
+        # (speculative decoding) need a lower-right causal mask: is_causal is top-left, wrong with more keys.
         S = k.size(2)
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if 1 < T < S else None
         causal = T > 1 and mask is None
@@ -260,19 +259,17 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, draft=None,
                draft_len=4, stats=None):
-        """Yields the next token of every row, (B,), one step at a time, with a KV cache; stops at max_seq_len
-        (the caller says so if it matters: sample.py does). With a draft model of the same vocabulary, speculative
-        decoding (batch size 1): the tokens follow this model's distribution exactly, and at temperature 0 they are
-        its greedy tokens; stats, a dict if given, counts drafted and accepted tokens and this model's calls."""
+        """Yields the next token of every row, (B,), with a KV cache; stops at max_seq_len (silently: sample.py says
+        so). With a draft model (same vocabulary, batch size 1), speculative decoding: exactly this model's tokens
+        (temperature 0) or distribution; a stats dict, if given, counts drafted, accepted and this model's calls."""
         B, T = idx.shape
         room = self.config.max_seq_len - T
         if room <= 0:
             raise ValueError(f"the prompt ({T} tokens) leaves no room below max_seq_len={self.config.max_seq_len}")
         max_new_tokens = min(max_new_tokens, room)
         if draft is not None:
-            yield from self._speculate(idx, max_new_tokens, (temperature, top_k, top_p), eos_id, draft, draft_len,
-                                       {} if stats is None else stats)
-            return
+            return (yield from self._speculate(idx, max_new_tokens, (temperature, top_k, top_p), eos_id, draft,
+                                               draft_len, {} if stats is None else stats))
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.embed_tokens.weight.dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -296,26 +293,25 @@ class Transformer(nn.Module):
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
 
     def _speculate(self, idx, max_new_tokens, sampling, eos_id, draft, gamma, stats):
-        # Leviathan et al. (2023), with p this model's distribution and q the draft's (Chen et al. swap the letters).
-        # A round: the draft proposes g tokens one at a time; this model scores the last emitted token and the g
-        # proposals in one call (g + 1 distributions); speculative_accept keeps a prefix of the proposals and adds
-        # one token of its own. Then both caches roll back to the kept tokens. Invariant at a round's start: this
-        # model's cache holds all but the last token of ctx, the draft's all but the last one or two.
+        # Leviathan et al. (2023), p this model's distribution, q the draft's (Chen et al. swap the letters). A round:
+        # the draft proposes g tokens one by one; this model scores the last token and the g in one call; a prefix is
+        # kept, plus one token of its own, and both caches roll back to it. At a round's start this model's cache
+        # holds all of ctx but its last token, the draft's all but the last one or two.
         if idx.size(0) != 1:
             raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), got {idx.size(0)}")
         if draft.config.vocab_size != self.config.vocab_size:
-            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} rows) is not this model's "
-                             f"({self.config.vocab_size}): it must be the same")
-        T, end = idx.size(1), idx.size(1) + max_new_tokens
-        cache = KVCache(self.config, 1, end, idx.device, self.embed_tokens.weight.dtype)
-        dcache = KVCache(draft.config, 1, min(end, draft.config.max_seq_len), idx.device,
-                         draft.embed_tokens.weight.dtype)
+            raise ValueError(f"the draft's vocabulary has {draft.config.vocab_size} rows, not {self.config.vocab_size}")
+        T, end, dev = idx.size(1), idx.size(1) + max_new_tokens, idx.device
+        cache = KVCache(self.config, 1, end, dev, self.embed_tokens.weight.dtype)
+        dcache = KVCache(draft.config, 1, min(end, draft.config.max_seq_len), dev, draft.embed_tokens.weight.dtype)
         if T > 1:
-            self(idx[:, :-1], cache), draft(idx[:, :-1], dcache)
+            self(idx[:, :-1], cache)
+            if T <= draft.config.max_seq_len:  # else g is 0 throughout: the prompt outruns the draft's context
+                draft(idx[:, :-1], dcache)
         ctx = idx
         while ctx.size(1) < end:
             L = ctx.size(1)
-            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L))  # near the end: fewer, or none
+            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L + 1))  # near the ends: fewer, or none
             x, drafted, q = ctx[:, dcache.pos:], [], []
             for _ in range(g):
                 q.append(filtered_probs(draft.logits(draft(x, dcache)[:, -1]), *sampling))  # (1, V)
@@ -326,8 +322,7 @@ class Transformer(nn.Module):
             n, nxt = speculative_accept(p, torch.stack(q, 1) if g else p[:, :0], drafted)
             n = n.item()
             cache.pos, dcache.pos = L + n, min(dcache.pos, L + n)  # the rollback
-            for key, count in (("drafted", g), ("accepted", n), ("calls", 1)):
-                stats[key] = stats.get(key, 0) + count
+            stats.update({k: stats.get(k, 0) + v for k, v in (("drafted", g), ("accepted", n), ("calls", 1))})
             new = torch.cat([drafted[:, :n], nxt[:, None]], dim=1)
             for tok in new[0]:
                 yield tok[None]
@@ -385,8 +380,7 @@ class Transformer(nn.Module):
 
 
 def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (..., V) float32 -> the distribution sample_next draws from, (..., V): after temperature, top-k and
-    top-p; temperature 0 gives the one-hot of the argmax."""
+    """logits (..., V) float32 -> what sample_next draws from (..., V); temperature 0: the argmax, one-hot."""
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits / temperature
@@ -410,14 +404,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def speculative_accept(p, q, drafted):
-    """Speculative decoding's rule, for N independent rows at once. p (N, g + 1, V): the target's distributions
-    at the g drafted positions and the one after; q (N, g, V): the draft's, from which drafted (N, g) was drawn.
-    -> (n, nxt), both (N,): keep the first n drafted tokens, then emit nxt. Token i is accepted with probability
-    min(1, p(x) / q(x)); at the first rejection nxt is drawn from max(0, p - q) renormalized, and when all g pass,
-    from p at position g (the bonus token). Every emitted token then follows p exactly."""
+    """Speculative decoding's rule for N rows at once: p (N, g + 1, V) the target's distributions, q (N, g, V) the
+    draft's, which drew drafted (N, g). -> (n, nxt), (N,) each: keep n drafts, then emit nxt. A draft x passes with
+    probability min(1, p(x) / q(x)); at the first rejection nxt is drawn from max(0, p - q) renormalized, after g
+    passes from p[g] (the bonus). Every emitted token then follows p exactly."""
     N, g = drafted.shape
-    px = p[:, :g].gather(-1, drafted[..., None])[..., 0]
-    qx = q.gather(-1, drafted[..., None])[..., 0]
+    px, qx = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :g], q))  # p(x), q(x) of each draft
     ok = torch.rand_like(qx) * qx < px  # u < p / q without dividing; never when p(x) = 0
     n = ok.int().cumprod(dim=-1).sum(dim=-1)  # the accepted prefix
     rows = torch.arange(N, device=p.device)

@@ -110,6 +110,17 @@ def test_greedy_equals_the_teachers_greedy(g):
     assert torch.equal(got, plain[:, :first + 1])
 
 
+def test_a_draft_with_a_shorter_context_drafts_until_it_is_full():
+    teacher = tiny(0, vocab_size=64)  # max_seq_len 64
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    plain = teacher.generate(prompt, 40, 0.0)
+    for draft_len, draft_context in ((3, 15), (3, 4)):  # drafts to its last position; a prompt longer than 4: none
+        stats = {}
+        short = tiny(0, vocab_size=64, max_seq_len=draft_context)  # the teacher's weights: every draft passes
+        assert torch.equal(teacher.generate(prompt, 40, 0.0, draft=short, draft_len=draft_len, stats=stats), plain)
+        assert stats["accepted"] == stats["drafted"] == (9 if draft_context == 15 else 0)
+
+
 def test_draft_must_share_the_vocabulary_and_batch_size_is_one():
     teacher = tiny(0)
     with pytest.raises(ValueError, match="vocabulary"):
