@@ -34,10 +34,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import DEVICE, at_least, between, check, check_device, configure, die, one_of
+from configurator import DEVICE, at_least, between, check, check_device, check_torch, configure, die, one_of
 from hf import TOKENIZER_FILES, check_tokenizers, load_checkpoint, resolve_pretrained
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
+
+check_torch()
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -439,12 +441,13 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
 
 
 def loss_fn(h_s, h_t, y, normalizer, teacher_out=None):
-    # outside autocast: the loss runs in float32 whatever the student's dtype. It applies both heads itself, a
-    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor). teacher_out: the
-    # teacher cache's sampled teacher, instead of h_t
-    return distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha, temperature=temperature,
-                        vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta,
-                        normalizer=normalizer, sparse=teacher_out)
+    # under autocast the loss runs the student's head products in dtype (float32 results), its softmaxes, KL and
+    # CE in float32. It applies both heads itself, a chunk of tokens at a time; the student's head is tied to its
+    # embedding (the same tensor). teacher_out: the teacher cache's sampled teacher, instead of h_t
+    with autocast:
+        return distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha, temperature=temperature,
+                            vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size, beta=kd_beta,
+                            normalizer=normalizer, sparse=teacher_out)
 
 
 def all_reduce(stats):
@@ -540,14 +543,14 @@ def log_row(row):  # eval rows have val_ce, train rows loss
 
 
 # MFU: each part of a token's FLOPs over the peak of the dtype it runs in (a T4's float16 tensor cores are 8x its
-# float32): the student's body in dtype, its head in the float32 loss, the teacher's forward and head in
+# float32): the student's body and head (the loss's head products) in dtype, the teacher's forward and head in
 # teacher_dtype. seconds_at_peak: what one token would take at those peaks; None on CPUs and unknown GPUs.
 seconds_at_peak = None
 if device_type == "cuda":
     words = torch.cuda.get_device_name(device).replace("-", " ").split()
     peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
     s_body, s_head = raw_model.flops_per_token(block_size)
-    parts = [(s_body, dtype), (s_head, "float32")]
+    parts = [(s_body, dtype), (s_head, dtype)]
     if teacher_model is not None:
         parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
     if all(d in peaks for _, d in parts):
