@@ -4,6 +4,7 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py model      # student train step and KV-cache generation vs transformers' Qwen2ForCausalLM
     python bench.py prepare    # prepare.py vs the bare tokenizer
     python bench.py loss       # the fused distillation loss vs the plain full-logits loss
+    python bench.py bytes      # the loss's memory traffic outside the head products, per token, each mode
     python bench.py step       # a whole distillation step vs the same step written with transformers
     python bench.py cache      # a step from the teacher cache vs the online step
     python bench.py gpu        # CUDA only: config/t4.py through distill.py for 20 steps, then the largest batch
@@ -28,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
@@ -269,6 +271,98 @@ def bench_loss(B=8, T=512, V=151_936, D_s=512, D_t=896, iters=2, chunk_size=256)
           [[name, f"{r['time']:.2f}", f"{B * T / r['time']:.0f}", f"{r['rss'] / 1e9:.2f}",
             f"{r['time'] / ref['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x", f"{r['loss']:.6f}"]
            for name, r in (("plain, full logits", ref), (f"distill_loss, chunk_size={chunk_size}", ours))])
+
+
+class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes that ops read and write on [C, V]-sized tensors (C <= chunk_size, V = vocab),
+    leaving out the head products (mm, addmm: the logits, grad_h and grad_w) and the index ops, which touch only
+    a few entries per row. An op's bytes are those of its [C, V] arguments read (an in-place self counts as read
+    and written, an out= argument as written) and of the new [C, V] tensors it returns: the traffic of a kernel
+    that streams each operand once, what an elementwise pass costs on a GPU. by_op: bytes per op name."""
+    SKIP = ("mm", "addmm", "gather", "scatter", "scatter_add", "index_select", "index_copy", "index",
+            "empty", "new_zeros", "new_full", "new_empty")  # views and allocations too: they move no data
+
+    def __init__(self, vocab, chunk_size):
+        super().__init__()
+        self.vocab, self.chunk, self.bytes, self.by_op = vocab, chunk_size, 0, {}
+
+    def big(self, t):  # [c, V] and its views ([c, 1, V], [c, V, 1], [k, c, V]); not a head's [V, D]
+        return isinstance(t, torch.Tensor) and t.dim() >= 2 and self.vocab in t.shape[-2:] and \
+            t.shape[-1] != t.shape[-2] and min(t.shape) <= self.chunk and t.numel() <= 4 * self.chunk * self.vocab
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1].rstrip("_")
+        if name in self.SKIP or any(r.alias_info is not None and not r.alias_info.is_write
+                                    for r in func._schema.returns):
+            return out
+        n, seen = 0, set()
+        values = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+        for a in func._schema.arguments:
+            t = values.get(a.name)
+            if not self.big(t) or (t.data_ptr(), a.name == "out") in seen:
+                continue
+            seen.add((t.data_ptr(), a.name == "out"))
+            writes = a.alias_info is not None and a.alias_info.is_write
+            reads = a.name != "out" and not (name in ("copy", "fill", "zero") and a.name == "self")
+            n += t.numel() * t.element_size() * (reads + writes)
+        fresh = [r for r, spec in zip(out if isinstance(out, tuple) else (out,), func._schema.returns)
+                 if spec.alias_info is None and self.big(r)]
+        n += sum(r.numel() * r.element_size() for r in fresh)
+        self.bytes += n
+        self.by_op[name] = self.by_op.get(name, 0) + n
+        return out
+
+
+def loss_bytes(loss_file=None, tokens=256, V=151_936, vocab=151_665, D_s=512, D_t=896, chunk_size=128):
+    """The [C, V] bytes per token of distill_loss's forward + backward (ByteCounter), each mode. loss_file: another
+    loss.py to count (e.g. `git show 8ff3a5c:loss.py > /tmp/old.py`, the loss before issue 21)."""
+    import importlib.util
+
+    if loss_file:
+        spec = importlib.util.spec_from_file_location("loss_under_test", loss_file)
+        lib = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lib)
+    else:
+        import loss as lib
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(1, tokens, D_s, generator=g)
+    w_s = torch.randn(V, D_s, generator=g).mul_(0.02)
+    h_t = torch.randn(1, tokens, D_t, generator=g)
+    w_t = torch.randn(V, D_t, generator=g).mul_(0.05)
+    y = torch.randint(0, vocab, (1, tokens), generator=g)
+    K = 12
+    ids = torch.randint(0, vocab, (1, tokens, K), generator=g)
+    sparse = dict(ids=ids, t_hat=torch.full((1, tokens, K), 1 / K), entropy=torch.ones(1, tokens),
+                  argmax=ids[..., 0])
+    modes = [("forward_kl + CE (default)", dict(kind="forward_kl")), ("reverse_kl + CE", dict(kind="reverse_kl")),
+             ("jsd + CE", dict(kind="jsd")), ("CE only", dict(alpha=0.0, h_t=None, w_t=None)),
+             ("sampled teacher (cache) + CE", dict(h_t=None, w_t=None, sparse=sparse))]
+    rows = []
+    for name, kw in modes:
+        args = dict(h_t=h_t, w_t=w_t, alpha=0.5, temperature=2.0) | kw
+        hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+        with ByteCounter(vocab, chunk_size) as counter:
+            loss = lib.distill_loss(hs, ws, args.pop("h_t"), args.pop("w_t"), y, vocab_size=vocab,
+                                    chunk_size=chunk_size, **args)[0]
+            loss.backward()
+        top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6]
+        rows.append(dict(mode=name, per_token=counter.bytes / tokens,
+                         top=", ".join(f"{k} {v / tokens / (vocab * 4):.1f}" for k, v in top)))
+    return rows
+
+
+def bench_bytes(loss_file=None, tokens=256, chunk_size=128):
+    """The loss's memory traffic outside the head products, per token, for each mode (float32)."""
+    vocab = 151_665
+    rows = loss_bytes(loss_file=loss_file, tokens=int(tokens), chunk_size=int(chunk_size))
+    print(f"distill_loss forward + backward, {loss_file or 'loss.py'}, {tokens} tokens in chunks of {chunk_size}, "
+          f"V = {vocab:,}, float32, T = 2, alpha = 0.5: bytes read and written by the non-matmul ops on [C, V] "
+          f"tensors (bench.ByteCounter), per token; a pass = one float32 [V] row read or written "
+          f"({vocab * 4 / 1e6:.2f} MB)\n")
+    table(["mode", "MB / token", "passes / token", "largest ops (passes)"],
+          [[r["mode"], f"{r['per_token'] / 1e6:.1f}", f"{r['per_token'] / (vocab * 4):.1f}", r["top"]] for r in rows])
 
 
 # -----------------------------------------------------------------------------
@@ -613,8 +707,8 @@ def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
            "predicted (1 - a^(g+1)) / ((1 - a)(g c + 1))"], rows)
 
 
-SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "step": bench_step,
-            "cache": bench_cache, "gpu": bench_gpu, "spec": bench_spec}
+SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "bytes": bench_bytes,
+            "step": bench_step, "cache": bench_cache, "gpu": bench_gpu, "spec": bench_spec}
 CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks,
             "cache_pair": cache_pair}
 

@@ -170,6 +170,18 @@ def check_device(device):
             f"--device=cpu")
 
 
+TORCH_FLOOR = (2, 8)  # torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8
+
+
+def check_torch():
+    """A torch below the floor (requirements.txt) stops a run at its first line, not with a TypeError mid-run."""
+    import torch
+
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < TORCH_FLOOR:
+        floor = ".".join(map(str, TORCH_FLOOR))
+        die(f"torch {torch.__version__} is installed; this code needs torch >= {floor} (pip install 'torch>={floor}')")
+
+
 class progress:
     """A long phase's progress: tqdm on a terminal; elsewhere (Colab's !python, a log file, a pipe), where tqdm
     would print nothing or a wall of carriage returns, a plain line after the first update and then every `every`

@@ -35,12 +35,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
 import prune
-from configurator import (DEVICE, at_least, between, check, check_device, check_writable, configure,
-                          die, one_line_interrupts, one_of, progress)
+from configurator import (DEVICE, at_least, between, check, check_device, check_torch, check_writable,
+                          configure, die, one_line_interrupts, one_of, progress)
 from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoint,
                 resolve_pretrained)
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
+
+check_torch()
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -450,11 +452,14 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
 
 
 def loss_fn(h_s, y, normalizer, side):
-    # outside autocast: the loss runs in float32 whatever the student's dtype. It applies both heads itself, a
-    # chunk of tokens at a time; the student's head is tied to its embedding (the same tensor)
-    return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
-                        temperature=temperature, vocab_size=vocab_size, kind=kd_kind, chunk_size=kd_chunk_size,
-                        beta=kd_beta, normalizer=normalizer, sparse=side["sparse"])
+    # under autocast the loss runs the student's head products in dtype (float32 results), its softmaxes, KL
+    # and CE in float32. It applies both heads itself, a chunk of tokens at a time; the student's head is tied
+    # to its embedding (the same tensor)
+    with autocast:
+        return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
+                            temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
+                            chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer,
+                            sparse=side["sparse"])
 
 
 def all_reduce(stats):
@@ -550,9 +555,9 @@ def log_row(row):  # eval rows have val_ce, train rows loss
         logger.log(row, step=row["iter"])
 
 
-# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16 tensor cores are
-# 8x its float32; float32 means TF32 where the GPU has it): the student's body in dtype, its head in the float32
-# loss, the teacher in teacher_dtype. The first entry whose words are all in the GPU's name wins; anything else
+# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16 tensor cores
+# are 8x its float32; float32 means TF32 where the GPU has it): the student's body and head (the loss's head
+# products) in dtype, the teacher in teacher_dtype. The first entry whose words are all in the GPU's name wins; anything else
 # (and CPUs) gets mfu null.
 PEAK_FLOPS = [
     (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
@@ -570,7 +575,7 @@ if device_type == "cuda":
     words = torch.cuda.get_device_name(device).replace("-", " ").split()
     peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
     s_body, s_head = raw_model.flops_per_token(block_size)
-    parts = [(s_body, dtype), (s_head, "float32")]
+    parts = [(s_body, dtype), (s_head, dtype)]
     if teacher_model is not None:
         parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
     if all(d in peaks for _, d in parts):

@@ -66,9 +66,11 @@ def reference_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, voca
 # The fused loss. Per chunk of C valid tokens it takes u = z_s / T and v = z_t / T, [C, V] float32 (T folded into
 # the hidden states before the head), computes the loss terms and the analytic gradient dL/dz_s in a few [C, V]
 # buffers reused by every chunk, and accumulates grad_h_s and grad_w_s right away (a backward that recomputed the
-# chunks would redo the teacher's matmul). Each line's comment says what a buffer holds from there on. Passes over
-# [C, V] memory, not FLOPs, are the elementwise work's cost: softmaxes are taken once and reused, row sums are
-# products (`_rowdot`), and a log-sum-exp is read off a softmax at the row's maximum (`_lse`).
+# chunks would redo the teacher's matmul). Each line's comment says what a buffer holds from there on.
+# On a GPU the elementwise work costs its passes over [C, V] memory, not its FLOPs (`python bench.py bytes`
+# counts them), so: p_s = softmax(u) is taken once and shared; CE's softmax(z_s) is p_s^T / S, its row sum S
+# folded into a per-row factor; a log-sum-exp is read off a softmax at the row's maximum (`_lse`); row sums of
+# values are products, both of the forward KL's in one (`_rowdot`).
 # Gradients, with u = z / T, for the divergence's value d (docs/loss.md derives them):
 #   forward_kl  dd/du = p_s - p_t
 #   reverse_kl  dd/du = p_s (r - d),            r = log p_s - log p_t
@@ -90,39 +92,51 @@ def head(h, w, out=None):
 
 
 def _rowdot(a, b, out=None):
-    """sum_v a * b per row, [C, V] x [C, V] -> [C, 1]. Without out: a batched product, no [C, V] temporary, but its
-    float32 sum is sequential, good for a value; with out (a free buffer): a product then torch.sum's more
-    accurate pairwise sum, for a row sum that a gradient takes (reverse_kl's, jsd's)."""
-    if out is None:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)
-    return torch.mul(a, b, out=out).sum(-1, keepdim=True)
+    """sum_v a * b per row: a [C, V], b [C, V] -> [C, 1], or b [k, C, V] -> [C, k]. Without out: a batched product,
+    no [C, V] temporary, a read of each operand, but a float32 sum in sequence: good for a value. With out (a free
+    [C, V] buffer): a product, then torch.sum's more accurate pairwise sum, for a row sum a gradient takes."""
+    if out is not None:
+        return torch.mul(a, b, out=out).sum(-1, keepdim=True)
+    b = b.unsqueeze(0) if b.dim() == 2 else b
+    return torch.bmm(a.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)
 
 
 def _lse(p, x_max, i_max):  # logsumexp(x) per row from p = softmax(x): x_max - log p at the argmax (p >= 1 / V)
     return x_max - p.gather(1, i_max).log()
 
 
-def _forward_kl(u, v, free, beta, m):
-    """dd/du of KL(p_t || p_s) in a buffer; u and v are consumed, free[0] used. m: the rows' max/argmax of u and v.
-    Returns (forward KL, d, dd/du as g, c) per row, with dd/du = c g."""
-    p_t = torch.softmax(v, -1, out=free[0])                     # free[0]: p_t
-    kl = _rowdot(p_t, v) - _rowdot(p_t, u)                      # sum p_t (v - u); the log-sum-exps below
-    p_s = torch.softmax(u, -1, out=v)                           # v: p_s
-    kl += _lse(p_s, m.u_max, m.u_arg) - _lse(p_t, m.v_max, m.v_arg)
-    return kl, kl, torch.sub(p_s, p_t, out=u), 1.0              # u: p_s - p_t
+@dataclass
+class _Rows:  # per-row facts of a chunk, [C, 1] each: the max and argmax of u and v, log-sum-exp of u
+    u_max: torch.Tensor
+    u_arg: torch.Tensor
+    lse_u: torch.Tensor = None
+    v_max: torch.Tensor = None
+    v_arg: torch.Tensor = None
 
 
-def _reverse_kl(u, v, free, beta, m):  # as _forward_kl, for KL(p_s || p_t)
+# Each divergence's analytic gradient: (uv, p_s, free, beta, m) -> (forward KL, d, g, c) per row, dd/du = c * g.
+# uv [2, C, V]: u and v, which it may overwrite; p_s = softmax(u), to be kept; free: its scratch buffers; g: one of
+# those buffers (or uv's).
+
+def _forward_kl(uv, p_s, free, beta, m):
+    u, v = uv
     p_t = torch.softmax(v, -1, out=free[0])                     # free[0]: p_t
-    shift = _lse(p_t, m.v_max, m.v_arg) - u.logsumexp(-1, keepdim=True)
-    r = torch.sub(u, v, out=v).add_(shift)                      # v: r = log p_s - log p_t
+    pu_pv = _rowdot(p_t, uv)                                    # [C, 2]: sum p_t u, sum p_t v, in one read of p_t
+    kl = pu_pv[:, 1:] - pu_pv[:, :1] + m.lse_u - _lse(p_t, m.v_max, m.v_arg)
+    return kl, kl, torch.sub(p_s, p_t, out=v), 1.0              # v: p_s - p_t
+
+
+def _reverse_kl(uv, p_s, free, beta, m):
+    u, v = uv
+    p_t = torch.softmax(v, -1, out=free[0])                     # free[0]: p_t
+    r = torch.sub(u, v, out=v).add_(_lse(p_t, m.v_max, m.v_arg) - m.lse_u)  # v: r = log p_s - log p_t
     kl = -_rowdot(p_t, r)
-    p_s = torch.softmax(u, -1, out=free[0])                     # free[0]: p_s
-    d = _rowdot(p_s, r, out=u)                                  # u: free
+    d = _rowdot(p_s, r, out=free[0])                            # free[0]: free
     return kl, d, r.sub_(d).mul_(p_s), 1.0                      # v: p_s (r - d)
 
 
-def _jsd(u, v, free, beta, m):  # as _forward_kl, for the JSD; uses free[0] and free[1]
+def _jsd(uv, p_s, free, beta, m):
+    u, v = uv
     log_ps = torch.log_softmax(u, -1, out=free[1])              # free[1]: log p_s; u: free
     log_pt = torch.log_softmax(v, -1, out=u)                    # u: log p_t
     p_t = torch.exp(log_pt, out=v)                              # v: p_t
@@ -132,43 +146,32 @@ def _jsd(u, v, free, beta, m):  # as _forward_kl, for the JSD; uses free[0] and 
     torch.logaddexp(log_m, log_ps, out=log_m).add_(math.log1p(-beta))  # free[0]: log M
     kl_tm = tpt - _rowdot(p_t, log_m)                           # KL(p_t || M)
     r = torch.sub(log_ps, log_m, out=log_m)                     # free[0]: r = log p_s - log M
-    p_s = torch.exp(log_ps, out=v)                              # v: p_s
     kl_sm = _rowdot(p_s, r, out=u)                              # KL(p_s || M); u: free
     d = beta * kl_tm + (1 - beta) * kl_sm
     return kl, d, r.sub_(kl_sm).mul_(p_s), 1 - beta             # free[0]: p_s (r - kl_sm)
 
 
-# the analytic gradients and the [C, V] scratch buffers each takes beyond u and v
-ANALYTIC = {"forward_kl": (_forward_kl, 1), "reverse_kl": (_reverse_kl, 1), "jsd": (_jsd, 2)}
+# name: (analytic gradient, scratch buffers it takes, bound on |g| or None)
+ANALYTIC = {"forward_kl": (_forward_kl, 1, 1.0), "reverse_kl": (_reverse_kl, 1, None), "jsd": (_jsd, 2, None)}
 
 
-def _autograd(fn, u, v, beta, need_grad):
+def _autograd(fn, uv, beta, need_grad):
     """A divergence with only a value: its chunk's gradient from autograd (slower; docs/loss.md)."""
     with torch.enable_grad():
-        u = u.detach().requires_grad_(need_grad)
-        log_ps, log_pt = torch.log_softmax(u, -1), torch.log_softmax(v, -1)
+        u = uv[0].detach().requires_grad_(need_grad)
+        log_ps, log_pt = torch.log_softmax(u, -1), torch.log_softmax(uv[1], -1)
         d = fn(log_ps, log_pt, beta).view(-1, 1)
         g = torch.autograd.grad(d.sum(), u)[0] if need_grad else None
     with torch.no_grad():
         return forward_kl(log_ps, log_pt, beta).view(-1, 1), d.detach(), g, 1.0
 
 
-def _sampled(u, sparse, free, m):
+def _sampled(u, p_s, sparse, free, m):
     """The sampled teacher (cache.py): forward KL estimated from t_hat over its ids, CE(t_hat, p_s) - H(p_t); its
     gradient p_s - t_hat is p_s - p_t in expectation. Returns what _forward_kl does."""
     ids, t_hat, entropy, _ = sparse                             # [C, K], [C, K] (zero-padded), [C, 1]
-    p_s = torch.softmax(u, -1, out=free[0])                     # free[0]: p_s
-    log_ps_ids = u.gather(1, ids) - _lse(p_s, m.u_max, m.u_arg)
-    kl = -(t_hat * log_ps_ids).sum(-1, keepdim=True) - entropy
-    return kl, kl, p_s.scatter_add_(1, ids, -t_hat), 1.0        # free[0]: p_s - t_hat
-
-
-@dataclass
-class _RowMax:  # each row's max and argmax of u (and v): top1, and the log-sum-exps
-    u_max: torch.Tensor
-    u_arg: torch.Tensor
-    v_max: torch.Tensor = None
-    v_arg: torch.Tensor = None
+    kl = -(t_hat * (u.gather(1, ids) - m.lse_u)).sum(-1, keepdim=True) - entropy
+    return kl, kl, free[0].copy_(p_s).scatter_add_(1, ids, -t_hat), 1.0  # free[0]: p_s - t_hat
 
 
 @dataclass
@@ -186,55 +189,54 @@ class Options:
     head_dtype: torch.dtype = torch.float32  # the student's head products (autocast's dtype, else float32)
 
 
-def _chunk(u, v, y, q_buf, free, o, sparse):
-    """The loss terms of one chunk. u = z_s * s [C, V] with s = 1 / tau if there is a teacher, else 1; v = z_t /
-    tau or None; y [C, 1]; q_buf and free: spare [C, V] buffers. u, v and the spare buffers are consumed. Returns
-    the chunk's sums [ce, kl, div, top1] and, if gradients are wanted, (G, factor, bound): dL/dz_s of the
-    chunk's unnormalized loss is factor * G, and |G| <= bound (None: unknown), for float16's loss scaling."""
-    teacher = v is not None or sparse is not None
-    s = 1 / o.tau if teacher else 1.0
+def _chunk(uv, y, p_buf, free, o, sparse):
+    """The loss terms of one chunk. uv [2, C, V]: u = z_s * s with s = 1 / tau if there is a teacher, else 1, and
+    v = z_t / tau; or [1, C, V], u alone, without a dense teacher. y [C, 1]; p_buf and free: spare [C, V] buffers.
+    uv and the spare buffers are consumed.
+    Returns the chunk's sums [ce, kl, div, top1] and, if gradients are wanted, (G, row, factor, bound): dL/dz_s of
+    the chunk's unnormalized loss is factor * G / row ([C, 1]), and |G / row| <= bound (None: unknown)."""
+    dense = uv.shape[0] == 2
+    tau = o.tau if dense or sparse is not None else 1.0          # CE's softmax(z_s) = softmax(tau * u)
+    u, v = uv[0], uv[-1]
     u_max, u_arg = u.max(-1, keepdim=True)
-    m = _RowMax(u_max, u_arg)
-    # CE at temperature 1: q = softmax(z_s), z_s = u / s
-    q = torch.softmax(u if s == 1 else torch.mul(u, 1 / s, out=free[0]), -1, out=q_buf)  # q_buf: q
-    ce = (u_max - u.gather(1, y)) / s - q.gather(1, u_arg).log()
+    z_y = u.gather(1, y) * tau                                  # z_s at the targets
+    p_s = torch.softmax(u, -1, out=p_buf)                       # p_buf: p_s
+    m = _Rows(u_max, u_arg, _lse(p_s, u_max, u_arg))
     kl = div = top1 = u.new_zeros(())
-    g, c, g_bound = None, 1.0, 1.0
-    if v is not None:  # the student agrees if its logit at the teacher's argmax is its largest
+    g, c, bound = None, 1.0, 1.0
+    if dense:  # the student agrees if its logit at the teacher's argmax is its largest
         m.v_max, m.v_arg = v.max(-1, keepdim=True)
         top1 = (u.gather(1, m.v_arg) >= u_max).sum().float()
     elif sparse is not None:
         top1 = (u.gather(1, sparse[3]) >= u_max).sum().float()
     need_grad = o.need_h or o.need_w
     if sparse is not None:
-        kl, div, g, c = _sampled(u, sparse, free, m)
-    elif v is not None and o.kind in ANALYTIC:
-        kl, div, g, c = ANALYTIC[o.kind][0](u, v, free, o.beta, m)
-        g_bound = 1.0 if o.kind == "forward_kl" else None
-    elif v is not None:
-        kl, div, g, c = _autograd(DIVERGENCES[o.kind], u, v, o.beta, need_grad)
-        g_bound = None
+        kl, div, g, c = _sampled(u, p_s, sparse, free, m)
+    elif dense and o.kind in ANALYTIC:
+        fn, _, bound = ANALYTIC[o.kind]
+        kl, div, g, c = fn(uv, p_s, free, o.beta, m)
+    elif dense:
+        kl, div, g, c = _autograd(DIVERGENCES[o.kind], uv, o.beta, need_grad)
+        bound = None
+    # CE at temperature 1, q = softmax(z_s) = p_s^tau / S with S = sum p_s^tau: log-sum-exp(z_s) = tau lse_u + log S
+    if tau == 1:
+        q, S = p_s, torch.ones_like(u_max)
+    else:
+        q = torch.pow(p_s, tau, out=u)                          # u: q * S
+        S = q.sum(-1, keepdim=True)
+    ce = tau * m.lse_u + S.log() - z_y
     sums = torch.stack([ce.sum(), kl.sum(), div.sum(), top1])
     if not need_grad:
         return sums, None
-    # the mix, written once: dL/dz_s = (1 - alpha) (q - onehot(y)) + alpha tau c g
+    # the mix, written once: dL/dz_s = (1 - alpha) (q - onehot(y)) + alpha tau c g, in units of 1 / S per row
     if o.alpha == 1:
-        return sums, (g, o.tau * c, g_bound)
+        return sums, (g, torch.ones_like(S), o.tau * c, bound)
     if g is not None and o.alpha > 0:
         r = o.alpha * o.tau * c / (1 - o.alpha)
-        q.add_(g, alpha=r)                                      # q_buf: G = q + r g
-        bound = None if g_bound is None else 1 + abs(r) * g_bound
-    else:
-        bound = 1.0
-    q.scatter_add_(1, y, q.new_full(y.shape, -1.0))
-    return sums, (q, 1 - o.alpha, bound)
-
-
-def _fp16_scale(bound):
-    """float16 loss scaling of a gradient G with |G| <= bound: the largest power of two that keeps bound * scale
-    below half of float16's maximum, so that G's small entries (probabilities ~1e-6 and less) stay off the
-    underflow while nothing can overflow. None (no bound known): 1, and the backward products stay float32."""
-    return 2.0 ** math.floor(math.log2(32768 / bound)) if bound is not None else None
+        torch.addcmul(q, g, S * r, out=q)                       # q * S + r S g
+        bound = None if bound is None else 1 + abs(r) * bound
+    q.scatter_add_(1, y, -S)
+    return sums, (q, S, 1 - o.alpha, bound)
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -247,8 +249,7 @@ class _FusedLoss(torch.autograd.Function):
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
         idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync (n sizes chunks)
-        need_grad = o.need_h or o.need_w
-        half = o.head_dtype != torch.float32
+        need_grad, half = o.need_h or o.need_w, o.head_dtype != torch.float32
         # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32
         ws = w_s[:o.vocab].to(o.head_dtype) if half or need_grad else w_s[:o.vocab]
         wt = w_t[:o.vocab] if w_t is not None else None            # [vocab, D_t] in its own dtype, no grad
@@ -256,42 +257,43 @@ class _FusedLoss(torch.autograd.Function):
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if o.need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if o.need_w else None  # padding rows stay 0
         sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
-        teacher = ht is not None or sparse is not None
-        s = 1 / o.tau if teacher else 1.0
-        # [C, vocab] buffers, allocated once per call (a fresh one per chunk costs page faults): u, q, scratch, v
+        s = 1 / o.tau if ht is not None or sparse is not None else 1.0
+        # [C, vocab] buffers, allocated once per call (a fresh one per chunk costs page faults): u and v, p_s, scratch
         C = min(o.chunk_size, n)
-        n_free = 1 if ht is None else max(1, ANALYTIC.get(o.kind, (None, 1))[1])
-        bufs = torch.empty(2 + n_free + (ht is not None), C, o.vocab, dtype=f32, device=dev).unbind()
+        n_free = 1 if ht is None else ANALYTIC.get(o.kind, (None, 1))[1]
+        uv = torch.empty(1 + (ht is not None), C, o.vocab, dtype=f32, device=dev)
+        bufs = torch.empty(1 + n_free, C, o.vocab, dtype=f32, device=dev).unbind()
         g16 = ws_f = None
         for i in range(0, n, o.chunk_size):
             ix = idx[i:i + o.chunk_size]
             c = len(ix)
-            h_c, y_c = hs[ix], y[ix, None]                           # [c, D_s], [c, 1]
-            u = head(h_c * s if s != 1 else h_c, ws, bufs[0][:c])      # [c, vocab]: z_s * s
-            v = None if ht is None else head(ht[ix] / o.tau, wt, bufs[-1][:c])  # z_t / tau
+            h_c, y_c, uv_c = hs[ix], y[ix, None], uv[:, :c]        # [c, D_s], [c, 1], [2, c, vocab]
+            head(h_c * s if s != 1 else h_c, ws, uv_c[0])          # u = z_s * s
+            if ht is not None:
+                head(ht[ix] / o.tau, wt, uv_c[1])                  # v = z_t / tau
             sp = None if sparse is None else [t[ix] for t in sparse]
-            free = [b[:c] for b in bufs[2:2 + n_free]]
-            chunk_sums, grad = _chunk(u, v, y_c, bufs[1][:c], free, o, sp)
+            chunk_sums, grad = _chunk(uv_c, y_c, bufs[0][:c], [b[:c] for b in bufs[1:]], o, sp)
             sums += chunk_sums
             if grad is None:
                 continue
-            G, factor, bound = grad                                # dL/dz_s = factor * G
-            if half:  # G in the head's dtype; float16 scaled away from its underflow (bfloat16 has float32's range)
-                scale = 1.0 if o.head_dtype == torch.bfloat16 else _fp16_scale(bound)
-                if scale is None:  # no bound on G: these two products stay float32
-                    ws_f = ws.float() if ws_f is None else ws_f
-                    G_h, w_h, h_h, unscale = G, ws_f, h_c.float(), factor
-                else:
-                    if g16 is None:
-                        g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
-                    G_h = torch.mul(G, scale, out=g16[:c])
-                    w_h, h_h, unscale = ws, h_c.to(o.head_dtype), factor / scale
-            else:
-                G_h, w_h, h_h, unscale = G, ws, h_c.float(), factor
+            G, row, factor, bound = grad                           # dL/dz_s = factor * G / row
+            if half and (o.head_dtype == torch.bfloat16 or bound is not None):
+                # G in the head's dtype, the rows' 1 / S folded in. float16's is scaled by a power of two, clear of
+                # its underflow with room below its overflow; bfloat16 has float32's range
+                scale = 1.0 if o.head_dtype == torch.bfloat16 else 2.0 ** math.floor(math.log2(32768 / bound))
+                if g16 is None:
+                    g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
+                G = torch.mul(G, scale / row, out=g16[:c])
+                w_b, h_b, out_scale, alpha_w = ws, h_c.to(o.head_dtype), factor / scale, factor / scale
+            else:  # float32 (or float16 without a bound on G: these two products stay float32)
+                if half and ws_f is None:
+                    ws_f = ws.float()
+                w_b, out_scale = ws_f if half else ws, factor / row  # the rows' 1 / S on the [c, D] side
+                h_b, alpha_w = h_c.float() * out_scale, 1.0
             if o.need_h:
-                grad_h.index_copy_(0, ix, head(G_h, w_h.T).mul_(unscale))  # [c, D_s]
+                grad_h.index_copy_(0, ix, head(G, w_b.T).mul_(out_scale))  # [c, D_s]
             if o.need_w:
-                _add_grad_w(grad_w[:o.vocab], G_h, h_h, unscale)
+                _add_grad_w(grad_w[:o.vocab], G, h_b, alpha_w)
         n_t = torch.full((), float(n), device=dev)                # (a fill: no copy from the host, no sync)
         N = n_t.clamp(min=1) if normalizer is None else normalizer.clamp(min=1e-12)  # 0 tokens: loss 0, no NaN
         ce, kl, div, top1 = (sums / N).unbind()

@@ -206,3 +206,85 @@ def test_bad_arguments():
                dict(kind="jsd", beta=0.0), dict(normalizer=-1)):
         with pytest.raises(ValueError):
             distill_loss(*inputs, **kw)
+
+
+def total_variation(log_ps, log_pt, beta):  # a divergence given by its value alone: 1/2 sum |p_s - p_t|
+    return 0.5 * (log_ps.exp() - log_pt.exp()).abs().sum(-1)
+
+
+def alpha_divergence(log_ps, log_pt, beta):  # Amari's alpha-divergence with alpha = beta, also by its value alone
+    return (1 - torch.exp(beta * log_pt + (1 - beta) * log_ps).sum(-1)) / (beta * (1 - beta))
+
+
+@pytest.mark.parametrize("name, fn", [("tv", total_variation), ("alpha_div", alpha_divergence)])
+def test_new_divergence_by_its_value_alone(name, fn, monkeypatch):
+    """A divergence added to the table by its value alone: distill_loss takes its gradient from autograd per chunk,
+    and its loss and gradients match autograd through the full-logits reference."""
+    monkeypatch.setitem(loss.DIVERGENCES, name, fn)
+    assert name in loss.KD_KINDS  # distill.py's kd_kind check reads the table
+    for alpha, temperature in ((0.5, 2.0), (1.0, 0.7)):
+        s, _ = check_against_reference(make_inputs(12), kind=name, alpha=alpha, temperature=temperature, beta=0.3,
+                                       vocab_size=V - 20, chunk_size=8)
+        assert s["div"] > 0 and not torch.equal(s["div"], s["kl"])
+    # and it trains: a few steps of plain gradient descent on the student's head lower the divergence
+    h_s, w_s, h_t, w_t, y = make_inputs(13)
+    w_s = w_s.clone().requires_grad_()
+    first = None
+    for _ in range(20):
+        l, st = distill_loss(h_s, w_s, h_t, w_t, y, alpha=1.0, kind=name, beta=0.3, chunk_size=8)
+        first = st["div"].item() if first is None else first
+        w_s.grad = None
+        l.backward()
+        with torch.no_grad():
+            w_s -= 5.0 * w_s.grad
+    assert st["div"].item() < 0.9 * first
+
+
+def test_stats_have_the_same_keys_in_every_mode():
+    h_s, w_s, h_t, w_t, y = make_inputs(14)
+    sparse = dict(ids=torch.zeros(B, T, 1, dtype=torch.long), t_hat=torch.ones(B, T, 1),
+                  entropy=torch.zeros(B, T), argmax=torch.zeros(B, T, dtype=torch.long))
+    for args, kw in (((h_t, w_t), {}), ((None, None), dict(alpha=0.0)), ((None, None), dict(sparse=sparse))):
+        _, s = distill_loss(h_s, w_s, *args, y, **kw)
+        assert list(s) == ["ce", "kl", "div", "top1", "n"]
+
+
+def test_reference_loss_is_the_textbook_loss():
+    """The oracle itself, against the formulas written out with torch.nn.functional."""
+    h_s, w_s, h_t, w_t, y = [x.double() if x.is_floating_point() else x for x in make_inputs(15)]
+    m = y != -100
+    z_s, z_t = (h_s @ w_s.T)[m], (h_t @ w_t.T)[m]
+    l, s = reference_loss(h_s, w_s, h_t, w_t, y, alpha=0.3, temperature=2.0)
+    kl = F.kl_div(F.log_softmax(z_s / 2, -1), F.log_softmax(z_t / 2, -1), log_target=True, reduction="sum") / m.sum()
+    ce = F.cross_entropy(z_s, y[m])
+    close(s["kl"], kl)
+    close(s["ce"], ce)
+    close(l, 0.3 * 4 * kl + 0.7 * ce)
+    p_s, p_t = F.softmax(z_s / 2, -1), F.softmax(z_t / 2, -1)
+    mix = (p_s + p_t) / 2
+    jsd = (0.5 * (p_t * (p_t / mix).log()).sum() + 0.5 * (p_s * (p_s / mix).log()).sum()) / m.sum()
+    close(reference_loss(h_s, w_s, h_t, w_t, y, kind="jsd")[1]["div"], jsd)
+    close(reference_loss(h_s, w_s, h_t, w_t, y, kind="reverse_kl")[1]["div"],
+          (p_s * (p_s.log() - p_t.log())).sum() / m.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_in_the_autocast_dtype(dtype):
+    """Under autocast the student's head products run in that dtype: the loss and gradients stay within that
+    dtype's rounding of the float32 path (float16's gradient scaled clear of its underflow)."""
+    inputs = make_inputs(16)
+    l32, s32, gh32, gw32 = fused(*inputs, vocab_size=V - 20, chunk_size=8)
+    with torch.autocast("cpu", dtype=dtype):
+        l16, s16, gh16, gw16 = fused(*inputs, vocab_size=V - 20, chunk_size=8)
+    assert l16.dtype == torch.float32 and gh16.dtype == torch.float32 and gw16.dtype == torch.float32
+    assert not torch.equal(gw16, gw32)  # the products did change dtype
+    eps = torch.finfo(dtype).eps
+    assert abs(l16 - l32) <= 4 * eps * l32
+    for g, g32 in ((gh16, gh32), (gw16, gw32)):
+        assert F.cosine_similarity(g.flatten(), g32.flatten(), 0) > 1 - 4 * eps
+    for kind in ("reverse_kl", "jsd"):  # float16 without a bound on G keeps the backward products in float32
+        ref = fused(*inputs, kind=kind, chunk_size=8)
+        with torch.autocast("cpu", dtype=dtype):
+            got = fused(*inputs, kind=kind, chunk_size=8)
+        assert abs(got[0] - ref[0]) <= 4 * eps * ref[0]
+        assert F.cosine_similarity(got[3].flatten(), ref[3].flatten(), 0) > 1 - 4 * eps
