@@ -219,11 +219,14 @@ def load_tokenizer(name):
 
     try:
         path = resolve_pretrained(name, TOKENIZER_FILES)
+    except FileNotFoundError as e:  # its message says what to do
+        raise ValueError(f"cannot load tokenizer '{name}': {e}") from None
+    try:
         exact = os.path.exists(os.path.join(path, "tokenizer.json"))
         tok = (PreTrainedTokenizerFast if exact else AutoTokenizer).from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"cannot load tokenizer '{name}' ({first_line(e)}); offline, point at a local directory "
-                         f"with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
+        raise ValueError(f"cannot load tokenizer '{name}' ({first_line(e)}); point at a directory with "
+                         f"tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
     if not tok.is_fast:
         raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
