@@ -22,6 +22,7 @@ import tempfile
 from urllib.parse import urlparse
 
 import numpy as np
+
 from configurator import at_least, between, check, die, progress as progress_bar
 from hf import TOKENIZER_FILES, load_tokenizer, resolve_pretrained
 
@@ -329,6 +330,7 @@ def build(args):
     print(f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs), {meta['dtype']}, "
           f"{meta['text_bytes'] / 1e6:.1f} MB of text")
+
 
 def interrupted(signum, frame):  # SIGTERM (kill, a notebook's stop button) as Ctrl-C: clean up, one line
     raise KeyboardInterrupt
