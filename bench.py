@@ -19,6 +19,7 @@ the step's ~11 GB (its timing holds both sides in one process).
 import inspect
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -712,15 +713,47 @@ SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, 
 CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks,
             "cache_pair": cache_pair}
 
+# -----------------------------------------------------------------------------
+# the command line. What a section takes on docs/benchmarks.md's machine (2 CPU cores), for the list that a bare
+# `python bench.py` prints instead of starting them all
+NEEDS = {"model": "~3 min; RAM not measured (two 123M students in one process)",
+         "prepare": "~1 min, ~0.7 GB; the tokenizer (its hub id online, or --tokenizer=DIR)",
+         "loss": "~5 min; ~19 GB of free RAM (the full-logits reference)",
+         "step": "~10 min; ~11 GB of RAM (both sides in one process)",
+         "cache": "~3 min; ~5 GB of RAM",
+         "gpu": "a CUDA GPU, up to --limit_gb=14 GB of it; time not measured here"}
+
+
+def sections_table():
+    said = dict(re.findall(r"python bench\.py (\w+)\s+# (.*)", __doc__))  # what each compares, from the top
+    rows = [(name, said.get(name) or (inspect.getdoc(fn) or "").split(".")[0], NEEDS.get(name, "not stated"))
+            for name, fn in SECTIONS.items()]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {n:<{width}}  {what}\n  {'':<{width}}  needs {needs}" for n, what, needs in rows)
+
+
+USAGE = "usage: python bench.py SECTION [SECTION ...] [--key=value ...]   (all: every section, in turn)"
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # one side of a memory benchmark, in its own process
         print(json.dumps(CHILDREN[sys.argv[2]](**json.loads(sys.argv[3]))))
         sys.exit()
-    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(SECTIONS)
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(f"{USAGE}\n{__doc__}\nsections (what they take on 2 CPU cores):\n{sections_table()}\n\nsettings:")
+        for name, fn in SECTIONS.items():
+            params = inspect.signature(fn).parameters.values()
+            print(f"  {name}: " + ", ".join(f"--{p.name}={p.default}" for p in params if p.default is not p.empty))
+        sys.exit()
+    if not [a for a in sys.argv[1:] if not a.startswith("--")]:  # a bare call lists, it does not start ~30 min
+        print(f"{USAGE}\n\nsections (what they take on 2 CPU cores):\n{sections_table()}\n\n"
+              f"python bench.py --help: every section's settings")
+        sys.exit()
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    names = list(SECTIONS) if names == ["all"] else names
     flags = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     for name in names:
         if name not in SECTIONS:
-            raise SystemExit(f"bench.py: error: unknown section {name!r}; one of {', '.join(SECTIONS)}")
+            raise SystemExit(f"bench.py: error: unknown section {name!r}; one of {', '.join(SECTIONS)}, or all")
     for key in flags:
         if not any(key in inspect.signature(SECTIONS[name]).parameters for name in names):
             raise SystemExit(f"bench.py: error: no section of {', '.join(names)} takes --{key}")

@@ -17,6 +17,7 @@ line that names it, its value and what is allowed.
 
 import ast
 import difflib
+import glob
 import os
 import re
 import sys
@@ -51,13 +52,18 @@ def configure(g, argv=None):
             return value
         if isinstance(default, float) and type(value) is int:
             return float(value)
-        fail(f"{key} takes a {type(default).__name__} (default {default!r}), got {value!r} in {where}")
+        kind = type(default).__name__
+        fail(f"{key} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} (default {default!r}), got {value!r} in {where}")
 
     for arg in argv:
         if not arg.startswith("--"):  # a config file
             path = arg if os.path.exists(arg) else os.path.join(REPO, arg)
             if not os.path.exists(path):
-                fail(f"no config file {arg} (looked in {os.getcwd()} and {REPO})")
+                looked = [os.getcwd()] + ([REPO] if os.path.realpath(os.getcwd()) != os.path.realpath(REPO) else [])
+                shipped = [os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "config", "*.py"))]
+                near = difflib.get_close_matches(arg, shipped, n=1, cutoff=0.5)
+                fail(f"no config file {arg} (looked in {' and '.join(looked)})"
+                     + (f"; did you mean {near[0]}?" if near else ""))
             file_globals = {}
             with open(path) as f:
                 exec(compile(f.read(), path, "exec"), file_globals)

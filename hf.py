@@ -219,11 +219,14 @@ def load_tokenizer(name):
 
     try:
         path = resolve_pretrained(name, TOKENIZER_FILES)
+    except FileNotFoundError as e:  # its message says what to do
+        raise ValueError(f"cannot load tokenizer '{name}': {e}") from None
+    try:
         exact = os.path.exists(os.path.join(path, "tokenizer.json"))
         tok = (PreTrainedTokenizerFast if exact else AutoTokenizer).from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"cannot load tokenizer '{name}' ({first_line(e)}); offline, point at a local directory "
-                         f"with tokenizer.json (from tokenizer.save_pretrained(DIR))") from None
+        raise ValueError(f"cannot load tokenizer '{name}' ({type(e).__name__}: {first_line(e)}); is it a directory "
+                         f"with tokenizer.json, from tokenizer.save_pretrained(DIR)?") from None
     if not tok.is_fast:
         raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
@@ -244,8 +247,8 @@ def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and the data's EOS id
     as its EOS or as the same token. Otherwise a run would go on, its loss falling, and teach the student nonsense.
     Returns None when they agree, else (message, is_warning): a warning is a sentence, a refusal reads "the
-    teacher's tokenizer MESSAGE the data's". Only a teacher without tokenizer files (or data that names no tokenizer) is a warning: files that
-    do not load cannot be compared, and are refused."""
+    teacher's tokenizer MESSAGE the data's". Only a teacher without tokenizer files, or data that names no
+    tokenizer, is a warning: tokenizer files that do not load cannot be compared, and are refused."""
     if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return f"no tokenizer beside the teacher {teacher_dir}: cannot check that it reads the data's ids", True
     if not data_tokenizer:

@@ -1,7 +1,8 @@
 """
 Training curves of one or more distill.py runs, overlaid, as one PNG:
 
-    python plot.py out/kd out/ce --out=curves.png
+    python plot.py out/kd out/ce                 # -> out/kd/curves.png, beside the first run
+    python plot.py out/kd out/ce --out=PATH.png
 
 Top row: train loss, CE and KL against iteration; bottom row: val_ce, val_kl, val_top1. Each run is named
 by its directory. matplotlib is an optional dependency: pip install matplotlib
@@ -62,9 +63,10 @@ def plot(run_dirs, out, names=None):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="distill.py out_dirs (each with a log.jsonl)")
-    p.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+    p.add_argument("--out", help="the PNG to write (default: curves.png in the first run's directory, not in the "
+                   "repository's tracked files)")
     p.add_argument("--names", nargs="+", help="legend names, one per run (default: the directory names)")
     args = p.parse_args()
     if args.names and len(args.names) != len(args.runs):
         raise SystemExit("plot.py: error: give one --names entry per run")
-    plot(args.runs, args.out, args.names)
+    plot(args.runs, args.out or os.path.join(args.runs[0], "curves.png"), args.names)

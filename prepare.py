@@ -15,17 +15,16 @@ import glob
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
-import time
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm import tqdm
 
-from configurator import at_least, between, check, die
-from hf import load_tokenizer
+from configurator import at_least, between, check, die, progress as progress_bar
+from hf import TOKENIZER_FILES, load_tokenizer, resolve_pretrained
 
 VERSION = 1  # bump when the bins or meta.json change meaning
 WIKI = ("wikimedia/wikipedia", "20231101.zh")  # the old script-based "wikipedia" id fails on datasets >= 4
@@ -157,9 +156,10 @@ def train_bpe(texts, out_dir, vocab_size, eos="<|endoftext|>", bos=None):
 # tokens out
 
 def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=None, max_docs=None,
-            batch_size=1000, source="", options=None, progress=True, tokenizer=None):
+            batch_size=1000, source="", options=None, progress=True, tokenizer=None, total_bytes=None):
     """Tokenize an iterable of documents into out_dir/{train.bin, val.bin, meta.json}; returns meta.
-    tokenizer: what meta.json records (a hub id or a directory; default tok.name_or_path)."""
+    tokenizer: what meta.json records (a hub id or a directory; default tok.name_or_path). total_bytes: the text
+    expected, for the progress line's ETA."""
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     backend = tok.backend_tokenizer  # Rust: encode_batch runs on all cores
     backend.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text (sticks to tok)
@@ -188,19 +188,17 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
             np.asarray(flat, dtype=dtype).tofile(f)
             n[split + "_tokens"] += len(flat)
 
-    bar = tqdm(unit=" docs", disable=None if progress else True)  # None: only on a terminal
+    bar = progress_bar(total_bytes or max_bytes, "tokenizing text", unit="B", enabled=progress)
     try:
-        stream, pending, t0 = limited(), None, time.time()
+        stream, pending, done = limited(), None, 0
         while batch := list(itertools.islice(stream, batch_size)):
             # the newest batch waits: its last document may have to go to a split left empty
             if pending:
                 write(*pending)
             ids = [e.ids for e in encode(batch, add_special_tokens=False)]
             pending = (ids, np.where(rng.random(len(batch)) < val_fraction, "val", "train").tolist())
-            tokens = n["train_tokens"] + n["val_tokens"] + sum(map(len, ids)) + len(ids)
-            tok_per_s = tokens / (time.time() - t0 + 1e-9)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{n['text_bytes'] / 1e6:.1f} MB, {tok_per_s / 1e3:.0f}k tok/s")
+            bar.update(n["text_bytes"] - done)
+            done = n["text_bytes"]
         bar.close()
         ids, splits = pending or ([], [])
         if n["train_docs"] + n["val_docs"] + len(ids) < 2:
@@ -225,7 +223,8 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
             os.replace(tmp[name], final[name])
         return meta
     except BaseException:  # an error or Ctrl-C: drop the temp files, leave any older output alone
-        bar.close()  # so that the error gets a line of its own
+        if bar.bar is not None:
+            bar.bar.close()  # so that the error gets a line of its own
         for f in files.values():
             f.close()
         for path in tmp.values():
@@ -262,12 +261,33 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.out_dir, "meta.json")) and not args.force:
         print(f"prepare.py: {args.out_dir} already has a meta.json; leaving it as it is (--force rebuilds it)")
         return
+    made = []  # the folders this run creates: a run that fails leaves none of them behind
+    parent = os.path.abspath(args.out_dir)
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out_dir).close()
     except OSError as e:
+        remove_empty(made)
         die(f"cannot write to --out_dir={args.out_dir} ({e.strerror}); choose another")
+    try:
+        build(args)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: prepare() has removed its temp files
+        remove_empty(made)
+        raise
 
+
+def remove_empty(folders):  # deepest first; a folder that holds anything stays
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def build(args):
     convert = load_t2s() if args.t2s else None
     paths = find_files(args.input) if args.input else None
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
@@ -275,8 +295,14 @@ def main(argv=None):
     if (not paths or not os.path.isdir(args.tokenizer)) and not offline and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # a cached tokenizer still loads, without the retries
         offline = True
-    if not paths and offline:
-        die(f"no network to stream {' '.join(WIKI)}; use --input=FILE (.jsonl, .txt or .parquet) for local text")
+    if not paths and offline:  # both ways out at once: local text, and a local tokenizer unless one is at hand
+        try:
+            resolve_pretrained(args.tokenizer, TOKENIZER_FILES)  # a local directory, or in the Hugging Face cache
+            tok_too = ""
+        except FileNotFoundError:
+            tok_too = f" and --tokenizer=DIR (a directory with tokenizer.json; {args.tokenizer} is not cached)"
+        die(f"offline: cannot stream {' '.join(WIKI)}; give local text with --input=FILE (.jsonl, .txt or "
+            f".parquet){tok_too}")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # we never fork: use every core, whatever was inherited
 
     docs = clean(read_files(paths, args.text_field) if paths else read_wikipedia(), args.min_chars, convert)
@@ -288,19 +314,32 @@ def main(argv=None):
     except ValueError as e:
         die(str(e))
     max_bytes = args.max_bytes or (None if paths else int(50e6))
+    total = sum(os.path.getsize(p) for p in paths) if paths else max_bytes  # .jsonl/.txt: about the text's size
+    total = min(total, max_bytes or total)
+    print(f"prepare.py: tokenizing {'up to ' if max_bytes else ''}{total / 1e6:.1f} MB of text from "
+          f"{' '.join(paths) if paths else ' '.join(WIKI)} with {args.tokenizer} into {args.out_dir}: roughly "
+          f"{max(1, round(total / 3.7e6))} s on 2 CPU cores (3.7 MB/s){'' if paths else ', plus the download'}",
+          flush=True)
     try:
         meta = prepare(itertools.chain([first], docs), tok, eos_id, args.out_dir, args.val_fraction, args.seed,
                        max_bytes, args.max_docs, args.batch_size, source=paths or " ".join(WIKI),
                        options=dict(t2s=args.t2s, min_chars=args.min_chars, text_field=args.text_field),
-                       tokenizer=args.tokenizer)
+                       tokenizer=args.tokenizer, total_bytes=total)
     except OSError as e:  # a full disk, say: the temp files are gone, the old output untouched
         die(f"{e.filename or args.out_dir}: {e.strerror}; nothing was renamed into place")
     print(f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs), {meta['dtype']}, "
           f"{meta['text_bytes'] / 1e6:.1f} MB of text")
 
+
+def interrupted(signum, frame):  # SIGTERM (kill, a notebook's stop button) as Ctrl-C: clean up, one line
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("prepare.py: interrupted; the temp files are gone, nothing was renamed into place")
+        sys.exit("prepare.py: interrupted; the temp files are gone, nothing was renamed into place (rerun the "
+                 "same command)")

@@ -4,7 +4,7 @@ beat a random start? A small answer that anyone can reproduce on a CPU.
 
     python experiments/kd_vs_ce.py                      # data/zh_wiki_sample.jsonl, 3 seeds, the arms kd ce prune
     python experiments/kd_vs_ce.py --arms kd prune prune:learning_rate=5e-4 --seeds 1 2 3 --jobs 2
-    python experiments/kd_vs_ce.py --size=tiny          # a one-minute smoke run (the test suite runs it)
+    python experiments/kd_vs_ce.py --size=tiny          # a one-minute smoke run into out/kd_vs_ce_tiny
 
 1. A byte-level BPE tokenizer of Qwen2's pipeline trained on the corpus (a CPU-sized vocabulary), then prepare.py.
 2. A teacher trained as a plain language model (distill.py --teacher=None), exported to OUT/teacher/hf.
@@ -19,9 +19,11 @@ beat a random start? A small answer that anyone can reproduce on a CPU.
    perplexity, KL to the teacher, top-1 agreement, and the steps each arm took to reach the kd arm's final val CE
    (seed by seed). Also written to OUT/results.md and OUT/results.json; plot.py draws the runs.
 
-Each step runs the project's own scripts as a user would; their output goes to OUT/*.log. OUT keeps the tokenizer,
-the data, the teacher and every finished student: a rerun into the same OUT reuses them and trains only what is
-missing (an interrupted run starts over). Delete a folder to rebuild it, or give a new OUT after changing settings.
+Each step runs the project's own scripts as a user would; their output goes to OUT/*.log. Each size has its own OUT
+(out/kd_vs_ce, out/kd_vs_ce_tiny); one made for another size is refused. OUT keeps the tokenizer, the data, the
+teacher and every finished student, each with the settings it was made with (settings.json, written last): a rerun
+reuses what was made with the settings asked for now, and rebuilds the rest (an interrupted step, other settings,
+or what depends on a rebuilt step), saying so.
 """
 
 import argparse
@@ -85,6 +87,30 @@ def run(script, args, log_path, threads=None):
     print(f"  {os.path.basename(log_path)[:-4]}: {time.time() - t0:.0f} s", flush=True)
 
 
+def reuse(path, record, what):
+    """True if path holds a finished step made with these settings (its settings.json); otherwise path is cleared
+    for a rebuild, and the line says why."""
+    try:
+        with open(os.path.join(path, "settings.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    if saved == json.loads(json.dumps(record)):
+        print(f"  {what}: reusing {path}", flush=True)
+        return True
+    if os.path.exists(path):
+        why = "made with other settings" if saved else "unfinished, or of an older kd_vs_ce.py"
+        print(f"  {what}: {path} was {why}: rebuilding it", flush=True)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return False
+
+
+def finished(path, record):  # the last file a step writes: its settings, which mark it as done
+    with open(os.path.join(path, "settings.json.tmp"), "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(path, "settings.json.tmp"), os.path.join(path, "settings.json"))
+
+
 def flags(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
@@ -130,7 +156,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=os.path.join(REPO, "data", "zh_wiki_sample.jsonl"),
                    help=".jsonl/.txt/.parquet text (default: data/zh_wiki_sample.jsonl, shipped with the repository)")
-    p.add_argument("--out", default="out/kd_vs_ce", help="where everything goes")
+    p.add_argument("--out", help="where everything goes (default: out/kd_vs_ce, out/kd_vs_ce_tiny for --size=tiny)")
     p.add_argument("--size", choices=SIZES, default="full")
     p.add_argument("--arms", nargs="+", default=["kd", "ce", "prune"], help="kd, ce, prune, or NAME:key=value,...")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -153,29 +179,46 @@ def main():
         settings = dict(settings, **given)
         label = label.format(**settings) + "".join(f", {k}={v}" for k, v in given.items() if "{" + k + "}" not in label)
         specs[spec.replace(":", "_").replace(",", "_")] = (label, settings)
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out or ("out/kd_vs_ce" if args.size == "full" else f"out/kd_vs_ce_{args.size}"))
+    try:
+        with open(os.path.join(out, "size.json")) as f:
+            made_for = json.load(f)["size"]
+    except (OSError, ValueError, KeyError):
+        made_for = None
+    if made_for not in (None, args.size):
+        raise SystemExit(f"kd_vs_ce.py: error: {out} holds the {made_for} size's runs; give --size={made_for}, or "
+                         f"another --out for --size={args.size}")
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "size.json"), "w") as f:
+        json.dump({"size": args.size}, f)
     from prepare import find_files, read_files, train_bpe
 
     # 1. tokenizer and data
     tok_dir, data_dir = os.path.join(out, "tokenizer"), os.path.join(out, "data")
     print(f"kd_vs_ce ({args.size}): {args.corpus} -> {out}", flush=True)
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    # every step's record holds the records of the steps it depends on: a rebuilt step rebuilds what follows
+    tok_rec = dict(corpus=os.path.abspath(args.corpus), vocab=size["vocab"])
+    if not reuse(tok_dir, tok_rec, "tokenizer"):
         train_bpe(read_files(find_files([args.corpus]), "text"), tok_dir, size["vocab"])
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        run("prepare.py", [f"--input={args.corpus}", f"--tokenizer={tok_dir}", f"--out_dir={data_dir}"],
-            os.path.join(out, "prepare.log"))
+        finished(tok_dir, tok_rec)
+    data_rec = dict(tokenizer=tok_rec, args=[f"--input={args.corpus}", f"--tokenizer={tok_dir}",
+                                             f"--out_dir={data_dir}"])
+    if not reuse(data_dir, data_rec, "data"):
+        run("prepare.py", data_rec["args"], os.path.join(out, "prepare.log"))
+        finished(data_dir, data_rec)
     common = ["--device=cpu", "--dtype=float32", "--teacher_dtype=float32", "--log_interval=10",
               f"--data_dir={data_dir}", *flags(size["train"])]
 
     # 2. the teacher, a plain language model
     teacher_dir = os.path.join(out, "teacher")
-    if os.path.exists(os.path.join(teacher_dir, "hf", "model.safetensors")):
-        print(f"  teacher: reusing {teacher_dir}", flush=True)
-    else:
-        shutil.rmtree(teacher_dir, ignore_errors=True)  # an interrupted one: distill.py keeps earlier runs safe
-        run("distill.py", common + ["--teacher=None", f"--out_dir={teacher_dir}", "--seed=0",
-                                    *flags(size["teacher"])], teacher_dir + ".log")
+    teacher_rec = dict(data=data_rec, args=common + ["--teacher=None", f"--out_dir={teacher_dir}", "--seed=0",
+                                                     *flags(size["teacher"])])
+    if not reuse(teacher_dir, teacher_rec, "teacher"):  # distill.py would refuse to start over an interrupted one
+        run("distill.py", teacher_rec["args"], teacher_dir + ".log")
+        finished(teacher_dir, teacher_rec)
+        for _, settings in specs.values():  # an earlier teacher's caches, at the same paths: gone
+            for seed in args.seeds if "teacher_cache" in settings else ():
+                shutil.rmtree(settings["teacher_cache"].format(out=out, seed=seed, topk=args.topk), ignore_errors=True)
 
     # 3. the students: every arm, seed by seed, args.jobs at a time
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
@@ -183,15 +226,13 @@ def main():
     def student(job):
         name, seed = job
         run_dir = os.path.join(out, f"{name}_seed{seed}")
-        if os.path.exists(os.path.join(run_dir, "hf", "model.safetensors")):  # exported at the end: finished
-            print(f"  {name}_seed{seed}: reusing {run_dir}", flush=True)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted one: distill.py refuses to start over it
-            run("distill.py", common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
-                                        f"--temperature={args.temperature}", *flags(size["student"]),
-                                        *(f.format(out=out, seed=seed, topk=args.topk)
-                                          for f in flags(specs[name][1]))],
-                run_dir + ".log", threads)
+        rec = dict(teacher=teacher_rec, label=specs[name][0],
+                   args=common + [f"--teacher={teacher_dir}/hf", f"--out_dir={run_dir}", f"--seed={seed}",
+                                  f"--temperature={args.temperature}", *flags(size["student"]),
+                                  *(f.format(out=out, seed=seed, topk=args.topk) for f in flags(specs[name][1]))])
+        if not reuse(run_dir, rec, f"{name}_seed{seed}"):
+            run("distill.py", rec["args"], run_dir + ".log", threads)
+            finished(run_dir, rec)
         rows = evals(run_dir)
         if "teacher_cache" in specs[name][1]:  # its val_kl is the cache's estimate: measure against the teacher
             rows[-1]["val_kl"], rows[-1]["val_top1"] = exact_eval(run_dir, teacher_dir, data_dir, size["train"],

@@ -9,15 +9,18 @@ import sys
 from conftest import CORPUS, REPO
 
 
+def experiment(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 def test_kd_vs_ce_tiny(tmp_path):
     rng = random.Random(0)
     with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
         for _ in range(80):
             f.write(json.dumps({"text": "".join(rng.sample(CORPUS, 3))}, ensure_ascii=False) + "\n")
-    out = tmp_path / "exp"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), "--size=tiny",
-                        f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = tmp_path / "out" / "kd_vs_ce_tiny"  # the tiny size's own default --out
+    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", "--seeds", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     for label in ("| distilled (alpha 0.5) |", "| CE only (alpha 0) |", "| pruned, then distilled (lr 0.003) |"):
         assert label in r.stdout, r.stdout
@@ -32,12 +35,28 @@ def test_kd_vs_ce_tiny(tmp_path):
     assert (out / "teacher" / "hf" / "model.safetensors").exists()
     assert (out / "results.md").read_text().startswith("teacher val CE")
     # a rerun into the same OUT reuses the finished students and trains only the new arm
-    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), "--size=tiny",
-                        f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
-                        "--arms", "kd", "prune:learning_rate=1e-3"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
+                   "--arms", "kd", "prune:learning_rate=1e-3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "kd_seed1: reusing" in r.stdout and "prune_learning_rate=1e-3_seed1: reusing" not in r.stdout
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["evals"]["kd_seed1"] == res["evals"]["kd_seed1"]
     assert [row["iter"] for row in rerun["evals"]["prune_learning_rate=1e-3_seed1"]] == [0, 4, 8]
+    # other settings asked for: what they change is rebuilt, not reused (and the table's label follows)
+    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
+                   "--arms", "kd", "--temperature=1.0", "--alpha=0.25")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "teacher: reusing" in r.stdout and "kd_seed1: reusing" not in r.stdout, r.stdout
+    assert "kd_seed1" in r.stdout and "made with other settings: rebuilding it" in r.stdout, r.stdout
+    assert "| distilled (alpha 0.25) |" in r.stdout and "T 1.0" in r.stdout
+    settings = json.loads((out / "kd_seed1" / "settings.json").read_text())
+    assert "--temperature=1.0" in settings["args"] and "--alpha=0.25" in settings["args"]
+    # the full size has its own default --out; one that holds another size's runs is refused, before any work
+    (tmp_path / "out" / "kd_vs_ce").mkdir()
+    (tmp_path / "out" / "kd_vs_ce" / "size.json").write_text('{"size": "tiny"}')
+    before = (out / "results.json").read_text()
+    for where in ([], [f"--out={out}"]):
+        r = experiment("--size=full", f"--corpus={tmp_path / 'corpus.jsonl'}", *where, cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stdout + r.stderr
+        assert "holds the tiny size's runs" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "results.json").read_text() == before  # the tiny runs' results untouched

@@ -37,6 +37,17 @@ def test_plot_writes_png(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_plot_writes_beside_the_first_run_by_default(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_log(tmp_path / "kd", 0)
+    write_log(tmp_path / "ce", 1)
+    (tmp_path / "cwd").mkdir()
+    r = subprocess.run([sys.executable, os.path.join(REPO, "plot.py"), "../kd", "../ce"], cwd=tmp_path / "cwd",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "kd" / "curves.png").read_bytes()[:4] == b"\x89PNG" and os.listdir(tmp_path / "cwd") == []
+
+
 def test_plot_bad_input(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "plot.py"), str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and "no log.jsonl" in r.stderr and "Traceback" not in r.stderr

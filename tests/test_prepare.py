@@ -248,7 +248,7 @@ BAD = {  # arguments -> the one line's words (FORCE: into an earlier output, whi
     "no documents": (["--input=empty.jsonl", "--input=short.txt"], "no documents in empty.jsonl short.txt"),
     "text field": (["--input=docs.jsonl", "--text_field=body"], "no field 'body'"),
     "no opencc": (["--input=docs.jsonl", "--t2s"], "pip install opencc"),
-    "offline": ([], "use --input="),  # the default dataset, offline
+    "offline": ([], "give local text with --input=FILE"),  # the default dataset, offline
     "no tokenizer dir": (["--input=docs.jsonl", "--tokenizer=./no_such_tokenizer"], "no directory ./no_such_tokenizer"),
     "model as tokenizer": (["--input=docs.jsonl", "--tokenizer=model_no_tokenizer"], "cannot encode ordinary text"),
     "cut jsonl": (["--input=cut.jsonl"], "cut.jsonl:39: not valid JSON"),
@@ -287,3 +287,95 @@ def test_a_tokenizer_that_cannot_be_loaded(tmp_path):
     (tmp_path / "tok").mkdir()
     with pytest.raises(ValueError, match="cannot load tokenizer"):
         prepare.load_tokenizer(str(tmp_path / "tok"))  # an empty directory
+
+
+# -----------------------------------------------------------------------------
+# interrupted, failed and long runs, as users meet them
+
+def start_on_a_pipe(tmp_path, tok_dir, out, docs):
+    """prepare.py reading a pipe we hold open, stopped mid-write: the temp files exist, more input is pending."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--input=pipe.jsonl",
+                          f"--tokenizer={tok_dir}", f"--out_dir={out}", "--force", "--batch_size=8"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            fd = os.open(tmp_path / "pipe.jsonl", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "w")
+    f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    f.flush()
+    while not (out / "val.bin.tmp").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    return p, f
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_an_interrupted_command_then_the_same_command(how, bpe, good, tmp_path):
+    """Ctrl-C and SIGTERM: one line, the temp files gone; kill -9: temp files left, which nothing takes as output.
+    Either way the earlier good files are intact, and the same command run again ends in a correct result."""
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    p, f = start_on_a_pipe(tmp_path, bpe[0], out, DOCS[:30])
+    p.send_signal(getattr(signal, how))
+    _, err = p.communicate(timeout=60)
+    f.close()
+    assert {name: (out / name).read_bytes() for name in before} == before
+    if how == "SIGKILL":
+        assert p.returncode == -signal.SIGKILL
+    else:
+        assert p.returncode == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("prepare.py: interrupted"), err
+        assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temp files left
+    os.remove(tmp_path / "pipe.jsonl")
+    write_jsonl(tmp_path / "pipe.jsonl", DOCS)  # the same command, its input whole this time
+    r = run("--input=pipe.jsonl", f"--tokenizer={bpe[0]}", f"--out_dir={out}", "--force", "--batch_size=8",
+            "--min_chars=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    meta, bins = load(out)
+    assert meta["train_docs"] + meta["val_docs"] == len(DOCS)
+    assert all((bins[s] == load(good)[1][s]).all() for s in bins)  # the same split and ids as a clean run
+
+
+FAILS = {  # a command that fails before writing anything -> its line's words
+    "missing --input": (["--input=nothing*.jsonl"], "no files match"),
+    "bad --tokenizer": (["--input=docs.jsonl", "--tokenizer=./no_such_tokenizer"], "no directory"),
+    "tokenizer not cached": (["--input=docs.jsonl", "--tokenizer=nobody/nothing"], "cannot load tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", FAILS)
+def test_a_failed_command_leaves_no_new_folder(case, tmp_path):
+    args, message = FAILS[case]
+    write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    r = run(*args, "--out_dir=new/data/wiki_zh", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_error(r, message)
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.count("offline") <= 1, r.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_offline_names_both_ways_out(tmp_path):
+    os.makedirs(tmp_path / "data")  # a folder that was there before stays; the one made for the run goes
+    r = run(cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})  # no arguments, and the default tokenizer is not cached
+    assert_clean_error(r, "offline: cannot stream")
+    assert "--input=FILE" in r.stderr and "--tokenizer=DIR" in r.stderr and r.stderr.count("offline") == 1, r.stderr
+    assert os.listdir(tmp_path / "data") == []  # no data/wiki_zh
+
+
+def test_progress_when_not_a_terminal(bpe, tmp_path):
+    """stdout and stderr are pipes here, as in Colab's !python or a log file: the first line says what it does and
+    about how long it takes; the progress line (every 30 s, and at the end) says how far it got."""
+    write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    r = run("--input=docs.jsonl", f"--tokenizer={bpe[0]}", "--out_dir=OUT", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("prepare.py: tokenizing") and "docs.jsonl" in first and "roughly" in first, first
+    assert "tokenizing text:" in r.stderr and "done in" in r.stderr, r.stderr
