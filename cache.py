@@ -62,6 +62,12 @@ def state(cache_dir, want):
         if not os.path.exists(file) or os.path.getsize(file) != size:
             got = f"{os.path.getsize(file):,} bytes" if os.path.exists(file) else "missing"
             return f"{file} is damaged ({got}, meta.json says {size:,}); delete {cache_dir} to rebuild it"
+    for split in ("train", "val"):  # each token's entry count against the entries there are (a zeroed file)
+        tokens = os.path.join(cache_dir, f"{split}.tokens.bin")
+        entries = np.memmap(tokens, dtype=TOKEN, mode="r")["n"].sum(dtype=np.int64) if have.get("sizes") else None
+        if entries is not None and 4 * entries != have["sizes"][f"{split}.entries.bin"]:
+            return (f"{tokens} is damaged: its tokens count {entries:,} entries, {split}.entries.bin holds "
+                    f"{have['sizes'][f'{split}.entries.bin'] // 4:,}; delete {cache_dir} to rebuild it")
     return "complete"
 
 

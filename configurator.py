@@ -189,9 +189,10 @@ def check_torch():
 
 
 class progress:
-    """A long phase's progress: tqdm on a terminal; elsewhere (Colab's !python, a log file, a pipe), where tqdm
-    would print nothing or a wall of carriage returns, a plain line after the first update and then every `every`
-    seconds: done, rate, ETA.
+    """A long phase's progress: tqdm (on stderr) when stdout and stderr are a terminal; elsewhere (Colab's !python,
+    a log file, a pipe), where tqdm would print nothing or a wall of carriage returns, a plain line on stdout, with
+    the script's other lines, after the first update and then every `every` seconds: done, rate, ETA. stderr keeps
+    only errors, so a failure or an interrupt is still one line there.
 
         bar = progress(total, "teacher cache", unit="tokens")
         bar.update(n); ...; bar.close()
@@ -201,13 +202,14 @@ class progress:
         import time
 
         self.total, self.desc, self.unit, self.every, self.n = total, desc, unit, every, 0
-        self.file, self.clock, self.bar = file or sys.stderr, time.monotonic, None
+        terminal = file is None and sys.stdout.isatty() and sys.stderr.isatty()
+        self.file, self.clock, self.bar = file or sys.stdout, time.monotonic, None
         self.start = self.last = self.clock()
         if not enabled:
             self.update = self.close = lambda *a, **k: None
-        elif self.file.isatty():
+        elif terminal:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=self.file, unit_scale=True)
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=sys.stderr, unit_scale=True)
 
     def update(self, n=1):
         first, self.n = self.n == 0, self.n + n

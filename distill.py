@@ -195,15 +195,22 @@ try:
     assert data_dtype in (np.uint16, np.uint32) and 0 <= eos_id < vocab_size  # never guessed
 except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
     die(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun prepare.py")
-for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json, a cut copy)
+for split in ("train", "val"):  # whole tokens, as many as meta.json says, ids the tokenizer has, not zeroed
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path)
     if size % data_dtype.itemsize:
         die(f"{path} is {size:,} bytes, not a whole number of {data_dtype.name} tokens: damaged; rerun "
             f"prepare.py")
-    if size and (top := int(np.memmap(path, dtype=data_dtype, mode="r").max())) >= vocab_size:
+    if f"{split}_tokens" in meta and size // data_dtype.itemsize != meta[f"{split}_tokens"]:  # prepare.py's
+        die(f"{path} holds {size // data_dtype.itemsize:,} tokens, but meta.json says "
+            f"{meta[f'{split}_tokens']:,}: cut short, or not of the same prepare.py run; rerun prepare.py")
+    tokens = np.memmap(path, dtype=data_dtype, mode="r") if size else None
+    if tokens is not None and (top := int(tokens.max())) >= vocab_size:
         die(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the bins "
             f"and meta.json are not of one prepare.py run; rerun prepare.py")
+    if tokens is not None and len(tokens) > 1 and int(tokens.min()) == top:  # text is never one id repeated
+        die(f"{path} holds nothing but token id {top}: damaged (zeroed?); rerun prepare.py")
+    del tokens
 tcache = None  # the teacher cache's reader, once it is open (below)
 
 

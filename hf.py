@@ -277,7 +277,11 @@ def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
 def load_checkpoint(path):
     """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut short, a full
     disk) or not distill.py's."""
+    import zipfile
+
     try:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut or zeroed file is none, and torch's own
+            raise ValueError("not a whole torch.save archive")  # error for that is a paragraph about .tar files
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
         raise ValueError(f"{path} is damaged and cannot be read ({first_line(e)}); "
