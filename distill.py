@@ -41,6 +41,7 @@ from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoi
                 resolve_pretrained)
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
+from prepare import read_meta
 
 check_torch()
 
@@ -183,34 +184,11 @@ if init_from != "resume" and os.path.exists(ckpt_path):
 # -----------------------------------------------------------------------------
 # data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
 
-meta_path = os.path.join(data_dir, "meta.json")
-for path in (meta_path, os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")):
-    if not os.path.exists(path):
-        die(f"no {path}: run prepare.py first (or point --data_dir at its output)")
 try:
-    with open(meta_path) as f:
-        meta = json.load(f)
-    data_dtype, vocab_size = np.dtype(meta["dtype"]), int(meta["vocab_size"])
-    eos_id = int(meta["eos_id"])
-    assert data_dtype in (np.uint16, np.uint32) and 0 <= eos_id < vocab_size  # never guessed
-except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-    die(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun prepare.py")
-for split in ("train", "val"):  # whole tokens, as many as meta.json says, ids the tokenizer has, not zeroed
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path)
-    if size % data_dtype.itemsize:
-        die(f"{path} is {size:,} bytes, not a whole number of {data_dtype.name} tokens: damaged; rerun "
-            f"prepare.py")
-    if f"{split}_tokens" in meta and size // data_dtype.itemsize != meta[f"{split}_tokens"]:  # prepare.py's
-        die(f"{path} holds {size // data_dtype.itemsize:,} tokens, but meta.json says "
-            f"{meta[f'{split}_tokens']:,}: cut short, or not of the same prepare.py run; rerun prepare.py")
-    tokens = np.memmap(path, dtype=data_dtype, mode="r") if size else None
-    if tokens is not None and (top := int(tokens.max())) >= vocab_size:
-        die(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the bins "
-            f"and meta.json are not of one prepare.py run; rerun prepare.py")
-    if tokens is not None and len(tokens) > 1 and int(tokens.min()) == top:  # text is never one id repeated
-        die(f"{path} holds nothing but token id {top}: damaged (zeroed?); rerun prepare.py")
-    del tokens
+    meta, data_dtype = read_meta(data_dir)
+except ValueError as e:
+    die(str(e))
+vocab_size, eos_id = int(meta["vocab_size"]), int(meta["eos_id"])
 tcache = None  # the teacher cache's reader, once it is open (below)
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import DEVICE, at_least, check, check_device, configure, die, one_of, progress
-from hf import atomic_write, check_tokenizers, load_checkpoint, load_tokenizer, resolve_pretrained
-from model import DTYPES, ModelConfig, Transformer, auto_dtype, filtered_probs
+from hf import atomic_write, check_tokenizers, load_model, load_tokenizer
+from model import DTYPES, auto_dtype, filtered_probs
 
 # -----------------------------------------------------------------------------
 student = "out"  # a distill.py out_dir, a Hugging Face directory or a hub id; several, separated by commas
@@ -63,33 +63,16 @@ check(config, {
 # -----------------------------------------------------------------------------
 
 
-def load(path, device, dtype):
-    """A distill.py out_dir (its ckpt.pt), a Hugging Face directory or a hub id -> (model, tokenizer path or None),
-    as sample.py loads them."""
-    ckpt_path = os.path.join(path, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
-        hf_dir = os.path.join(path, "hf")
-        tok = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt.get("tokenizer")
-        return model.to(device=device, dtype=dtype), tok
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
-                                f"(a Hugging Face model directory)")
-    path = resolve_pretrained(path)
-    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
-
-
 def held_out(tok_path):
     """The held-out token ids, int64: a data_dir's val.bin, or a text file through the teacher's tokenizer (each
     document followed by EOS, as prepare.py writes the bins)."""
     if os.path.isdir(data):
+        from prepare import read_meta
         try:
-            with open(os.path.join(data, "meta.json")) as f:
-                meta = json.load(f)
-            ids = np.fromfile(os.path.join(data, "val.bin"), dtype=meta["dtype"]).astype(np.int64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            die(f"{data}: not a prepare.py data_dir with meta.json and val.bin ({type(e).__name__}: {e})")
+            meta, dtype = read_meta(data)
+        except ValueError as e:
+            die(str(e))
+        ids = np.fromfile(os.path.join(data, "val.bin"), dtype=dtype).astype(np.int64)
         if tok_path and (found := check_tokenizers(tok_path, meta.get("tokenizer"), meta.get("eos_id"))):
             if not found[1]:
                 die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta.get('tokenizer')}): "
@@ -160,8 +143,8 @@ def main():
     gs = [int(g) for g in str(draft_lens).split(",")]
     names = student.split(",")
     try:
-        t_model, tok_path = load(teacher, device, dt)
-        students = [load(name, device, dt)[0] for name in names]
+        t_model, tok_path = load_model(teacher, device, dt)
+        students = [load_model(name, device, dt)[0] for name in names]
     except (OSError, ValueError, KeyError) as e:
         die(f"{e}".splitlines()[0])
     V = t_model.config.vocab_size

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from model import ModelConfig
+from model import ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -326,3 +326,20 @@ def compare_resume(ckpt, config, meta, world_size):
             lines.append(f"  {what}: " + ", ".join(items))
     config.update({k: old[k] for k in SHAPE if k in old})
     return lines
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """A distill.py out_dir (its ckpt.pt, mid-training or finished), a Hugging Face directory or a hub id ->
+    (model in eval mode, its tokenizer's directory or hub id, None if unknown). sample.py and eval.py load so."""
+    ckpt_path = os.path.join(path, "ckpt.pt")
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
+        hf_dir = os.path.join(path, "hf")
+        has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
+        return model.to(device=device, dtype=dtype), hf_dir if has_tokenizer else ckpt.get("tokenizer")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
+                                f"(a Hugging Face model directory)")
+    path = resolve_pretrained(path)  # a hub id is downloaded once; its tokenizer comes from the same place
+    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path

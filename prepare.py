@@ -232,6 +232,33 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
                 os.remove(path)
         raise
 
+
+def read_meta(data_dir):
+    """prepare.py's output, checked before anything trains on it -> (meta.json's dict, the bins' numpy dtype).
+    A ValueError (one line naming the file and the fix) if a file is missing, damaged or of another run."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    for path in (meta_path, os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")):
+        if not os.path.exists(path):
+            raise ValueError(f"no {path}: run prepare.py first (or point --data_dir at its output)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        dtype, vocab_size, eos_id = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eos_id"])
+        assert dtype in (np.uint16, np.uint32) and 0 <= eos_id < vocab_size  # never guessed
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun "
+                         f"prepare.py") from None
+    for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json, a cut copy)
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size % dtype.itemsize:
+            raise ValueError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens: damaged; "
+                             f"rerun prepare.py")
+        if size and (top := int(np.memmap(path, dtype=dtype, mode="r").max())) >= vocab_size:
+            raise ValueError(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the "
+                             f"bins and meta.json are not of one prepare.py run; rerun prepare.py")
+    return meta, dtype
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):

@@ -7,15 +7,14 @@ Generate text from the distilled student, or from any Qwen2 checkpoint (the teac
     python sample.py --init_from=Qwen/Qwen2.5-1.5B --draft=out   # the student drafts for a teacher (speculative)
 """
 
-import os
 import sys
 import time
 
 import torch
 
 from configurator import DEVICE, at_least, check, check_device, configure, die, one_of
-from hf import load_checkpoint, load_tokenizer, resolve_pretrained
-from model import DTYPES, ModelConfig, Transformer, auto_dtype
+from hf import load_model, load_tokenizer
+from model import DTYPES, auto_dtype
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # a distill.py out_dir (its ckpt.pt), a Hugging Face directory, or a hub id
@@ -42,30 +41,14 @@ check(config, {
 # -----------------------------------------------------------------------------
 
 
-def load(init_from, device, dtype):
-    """-> (model, tokenizer directory or hub id)."""
-    ckpt_path = os.path.join(init_from, "ckpt.pt")
-    if os.path.exists(ckpt_path):  # a distill.py run, mid-training or finished
-        ckpt = load_checkpoint(ckpt_path)
-        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
-        hf_dir = os.path.join(init_from, "hf")
-        tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")) else ckpt.get("tokenizer")
-        return model.to(device=device, dtype=dtype), tokenizer
-    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
-        raise FileNotFoundError(f"{init_from} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
-                                f"(a Hugging Face model directory)")
-    path = resolve_pretrained(init_from)  # a hub id is downloaded once; its tokenizer comes from the same place
-    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
-
-
 def main():
     torch.manual_seed(seed)
     check_device(device)
     dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
     try:
-        model, tok_path = load(init_from, device, dt)
+        model, tok_path = load_model(init_from, device, dt)
         tokenizer, eos_id = load_tokenizer(tok_path or "")
-        draft_model = load(draft, device, dt)[0] if draft else None
+        draft_model = load_model(draft, device, dt)[0] if draft else None
     except (OSError, ValueError, KeyError) as e:
         die(f"{e}".splitlines()[0])
     prompt = start
