@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
 import prune
-from configurator import (DEVICE, at_least, between, check, check_device, check_torch, check_writable,
-                          configure, die, one_line_interrupts, one_of, progress)
+from configurator import (DEVICE, at_least, between, check, check_device, check_torch,
+                          check_writable, configure, die, one_line_interrupts, one_of, progress)
 from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoint,
                 resolve_pretrained)
 from loss import KD_KINDS, distill_loss
@@ -69,7 +69,7 @@ kd_beta = 0.5  # jsd only: the mixture weight
 teacher_cache = None  # a directory: the teacher runs once into a sampled cache there (cache.py)
 cache_samples = 50  # teacher_cache: draws per token from the teacher at the temperature (<= 255)
 cache_topk = 0  # teacher_cache: > 0 keeps the k most likely ids instead (biased: for comparison)
-kd_chunk_size = 128  # tokens per chunk of the fused loss: a few (chunk, V) fp32 buffers (78 MB each)
+kd_chunk_size = 128  # tokens per chunk of the fused loss: a few (chunk, V) fp32 buffers, 78 MB each
 prune_windows = 256  # init_from=prune: train windows on which the teacher's pieces are ranked
 prune_layers = "importance"  # init_from=prune: layers kept: importance (1 - cos(in, out)) | even
 prune_width = "importance"  # init_from=prune: the channels, heads, neurons kept: importance | even
@@ -89,7 +89,7 @@ max_iters = 0  # optimizer steps; 0: epochs * windows // windows per step
 learning_rate = 3e-4
 min_lr = 1e-5
 warmup_iters = 500
-lr_decay_iters = 0  # where the cosine reaches min_lr; 0: max_iters (set it to stop early and resume)
+lr_decay_iters = 0  # where the cosine reaches min_lr; 0: max_iters (set it to stop early, resume)
 weight_decay = 0.01  # on 2-D weights only, not on biases and norms
 beta1 = 0.9
 beta2 = 0.95
@@ -141,7 +141,8 @@ if min_lr > learning_rate:
 ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
 rank, local_rank, world_size = (0, 0, 1)
 if ddp:
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    env = os.environ
+    rank, local_rank, world_size = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
 if ddp and device.startswith("cuda"):
     device = f"cuda:{local_rank}"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -164,8 +165,9 @@ if teacher_dtype == "auto":
 bf16 = "bfloat16" in (dtype, teacher_dtype)
 if device_type == "cuda" and bf16 and auto_dtype(device) != torch.bfloat16:
     sm = "".join(map(str, torch.cuda.get_device_capability(device)))
-    die(f"{'dtype' if dtype == 'bfloat16' else 'teacher_dtype'}=bfloat16, but this GPU (sm{sm}) only "
-        f"emulates bfloat16, slowly, and its fused attention does not take it: use float16")
+    which = "dtype" if dtype == "bfloat16" else "teacher_dtype"
+    die(f"{which}=bfloat16, but this GPU (sm{sm}) only emulates bfloat16, slowly, and its fused "
+        f"attention does not take it: use float16")
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
@@ -199,7 +201,7 @@ def n_windows(split):
 
 def load_windows(split, windows):
     """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one token,
-    and the cached teacher of those windows (distill_loss's sparse argument; None without a cache)."""
+    and the cached teacher of those windows (distill_loss's sparse argument; None without one)."""
     # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in memory
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
     T = block_size + 1
@@ -215,8 +217,8 @@ tokens_per_iter = windows_per_iter * block_size
 n_train, n_val = n_windows("train"), n_windows("val")
 if n_train < windows_per_iter:
     die(f"train.bin holds {n_train} windows of block_size + 1 = {block_size + 1} tokens; one step "
-        f"takes {windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more data or "
-        f"smaller settings")
+        f"takes {windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more "
+        f"data or smaller settings")
 if n_val < 1:
     die(f"val.bin is shorter than one window of block_size + 1 = {block_size + 1} tokens")
 if max_iters == 0:
@@ -227,7 +229,7 @@ config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters, teacher_dtype=
 
 
 @lru_cache(maxsize=2)
-def epoch_order(epoch):  # a permutation of the windows per epoch from the seed: resume needs a position
+def epoch_order(epoch):  # a permutation of the windows per epoch from the seed (all resume needs)
     return np.random.default_rng(seed + epoch).permutation(n_train)
 
 
@@ -237,13 +239,14 @@ def fit(pos):  # an epoch's last windows, fewer than one step, wait for a later 
 
 def step_batches(pos):
     """This process's micro-batches of the step at data position pos = (epoch, window in the epoch's
-    order). The step takes the next windows_per_iter windows; slot (micro * world_size + rank) is ours."""
+    order). The step takes the next windows_per_iter windows, and slot micro * world_size + rank
+    of them is ours."""
     order, slots = epoch_order(pos[0]), range(gradient_accumulation_steps)
     starts = [pos[1] + (m * world_size + rank) * batch_size for m in slots]
     return [load_windows("train", order[s:s + batch_size]) for s in starts]
 
 
-# validation: a fixed, evenly spread set of windows of val.bin; each process takes every world_size-th
+# validation: a fixed, evenly spread set of windows of val.bin; each process takes its share
 n_eval = min(eval_iters * batch_size, n_val)
 val_windows = np.arange(n_eval) * n_val // n_eval
 my_val_windows = val_windows[rank::world_size]
@@ -267,10 +270,11 @@ if init_from == "resume":
 # loss whichever it is.
 
 cache_meta, cache_state = None, None
-if teacher_cache:  # checked against what it was built from before anything loads; built on first use
+if teacher_cache:  # checked against what it was built from, before anything loads; built when used
     cache_meta = dict(version=cache.VERSION, teacher=teacher, tokenizer=meta.get("tokenizer"),
-                      temperature=float(temperature), block_size=block_size, cache_samples=cache_samples,
-                      cache_topk=cache_topk, seed=seed, vocab_size=vocab_size)
+                      temperature=float(temperature), block_size=block_size,
+                      cache_samples=cache_samples, cache_topk=cache_topk, seed=seed,
+                      vocab_size=vocab_size)
     for split in ("train", "val"):
         cache_meta[split] = cache.fingerprint(os.path.join(data_dir, f"{split}.bin"))
     cache_state = cache.state(teacher_cache, cache_meta)
@@ -322,10 +326,10 @@ def teacher_side(x, sparse):
 # the student: from scratch, cut out of the teacher (prune.py), or the checkpoint's
 
 if ckpt is not None:
-    model_args = ckpt["model_args"]  # the student's shape is the checkpoint's, whatever the settings
+    model_args = ckpt["model_args"]  # the checkpoint's shape, whatever the settings say
 else:
     model_args = asdict(ModelConfig(
-        # the teacher's vocabulary (padding rows included); without one, the tokenizer's rounded up to 64
+        # the teacher's vocabulary (padding rows included); else the tokenizer's, rounded up to 64
         vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64, n_layer=n_layer,
         n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
         intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
@@ -342,8 +346,9 @@ if init_from == "prune" and (problem := prune.check(tcfg, ModelConfig(**model_ar
 if teacher_cache:
     tcache = cache.open_or_build(teacher_cache, cache_meta, teacher_model,
                                  lambda split, w: load_windows(split, w)[:2],
-                                 {"train": n_train, "val": n_val}, block_size, batch_size, seed, rank,
-                                 world_size, sync=dist.barrier if ddp else (lambda: None), log=print0)
+                                 {"train": n_train, "val": n_val}, block_size, batch_size, seed,
+                                 rank, world_size, sync=dist.barrier if ddp else (lambda: None),
+                                 log=print0)
     print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its "
            f"samples (unbiased), teacher_val_ce and val_top1 exact")
 
@@ -362,17 +367,18 @@ def calibration_batches():
 if init_from == "prune":
     t0 = time.time()
     print0(f"pruning the student out of the teacher: the teacher runs over "
-           f"{min(prune_windows, n_train)} windows of train.bin, its most important pieces are kept")
+           f"{min(prune_windows, n_train)} windows of train.bin; its most important pieces stay")
     raw_model, keep = prune.cut(teacher_model, ModelConfig(**model_args), calibration_batches(),
-                                prune_layers, prune_width, all_reduce=dist.all_reduce if ddp else None)
+                                prune_layers, prune_width, dist.all_reduce if ddp else None)
     print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s: layers "
-           f"{keep['layers'].tolist()} of {tcfg.n_layer}; Transformer: {raw_model.num_params():,} parameters")
+           f"{keep['layers'].tolist()} of {tcfg.n_layer}; Transformer: {raw_model.num_params():,} "
+           f"parameters")
 else:  # float32: the master weights under autocast
     raw_model = Transformer(ModelConfig(**model_args), verbose=master)
 if ckpt is not None:
     raw_model.load_state_dict(ckpt["model"])
 raw_model.to(device)
-if tcache is not None and teacher_model is not None:  # built the cache (or pruned): the cache takes over
+if tcache is not None and teacher_model is not None:  # it built the cache (or pruned): not needed
     teacher_model = None
     if device_type == "cuda":
         torch.cuda.empty_cache()
@@ -386,7 +392,7 @@ no_decay = [p for p in params if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's range: loss scaling
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's small range
 iter_num, data_pos, best_val_ce = 0, (0, 0), float("inf")
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -415,19 +421,20 @@ def save_checkpoint():
         return
     os.makedirs(out_dir, exist_ok=True)
     ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
-            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"), "meta": meta,
-            "world_size": world_size,
-            # nothing random runs after the init (the data order comes from seed + epoch), but a future dropout
-            # or sampling step would need these
+            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
+            "meta": meta, "world_size": world_size,
+            # nothing random runs after the init (the data order comes from seed + epoch), but
+            # a future dropout or sampling step would need these
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
     torch.save(ckpt, ckpt_path + ".tmp")  # a kill during the write leaves the old checkpoint whole
     os.replace(ckpt_path + ".tmp", ckpt_path)
 
 
-def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosine to min_lr; then min_lr
+def get_lr(it):  # linear warmup ((it + 1) / (warmup + 1): step 0 moves), cosine to min_lr, min_lr
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
@@ -437,9 +444,9 @@ def get_lr(it):  # linear warmup, (it + 1) / (warmup + 1) so step 0 moves; cosin
 
 
 def loss_fn(h_s, y, normalizer, side):
-    # under autocast the loss runs the student's head products in dtype (float32 results), its softmaxes, KL
-    # and CE in float32. It applies both heads itself, a chunk of tokens at a time; the student's head is tied
-    # to its embedding (the same tensor)
+    # under autocast the loss runs the student's head products in dtype (float32 results), its
+    # softmaxes, KL and CE in float32. It applies both heads itself, a chunk of tokens at a time;
+    # the student's head is tied to its embedding (the same tensor)
     with autocast:
         return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
                             temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
@@ -448,7 +455,7 @@ def loss_fn(h_s, y, normalizer, side):
 
 
 def all_reduce(stats):
-    """{name: 0-dim tensor} -> {name: float}, summed over processes in one all-reduce: one host sync."""
+    """{name: 0-dim tensor} -> {name: float}, summed over processes in one all-reduce (one sync)."""
     values = torch.stack([v.float() for v in stats.values()])
     if ddp:
         dist.all_reduce(values)
@@ -456,10 +463,10 @@ def all_reduce(stats):
 
 
 def check_finite(what, value, bad_teacher):
-    # before anything trains on it: a non-finite teacher output (fp16 overflow) or loss stops the run
+    # before anything trains on it: a non-finite teacher output (fp16 overflow) or loss stops it
     if bad_teacher:
-        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try --teacher_dtype=float32 or "
-            f"bfloat16")
+        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try "
+            f"--teacher_dtype=float32 or bfloat16")
     if not math.isfinite(value):
         die(f"non-finite {what} at iter {iter_num}; lower learning_rate" +
             ("" if dtype == "float32" else ", or try --dtype=float32"))
@@ -470,10 +477,11 @@ teacher_val_ce = None  # computed at the first eval of a run, logged once
 
 @torch.no_grad()
 def evaluate():
-    """Val CE, forward KL and top-1 agreement with the teacher, token-weighted over the fixed val windows,
-    summed over processes. normalizer=1 makes distill_loss's stats plain sums."""
+    """Val CE, forward KL and top-1 agreement with the teacher, token-weighted over the fixed val
+    windows, summed over processes. normalizer=1 makes distill_loss's stats plain sums."""
     global teacher_val_ce
-    sums = {k: torch.zeros((), device=device) for k in ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")}
+    keys = ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")
+    sums = {k: torch.zeros((), device=device) for k in keys}
     for i in range(0, len(my_val_windows), batch_size):
         x, y, sparse = load_windows("val", my_val_windows[i:i + batch_size])
         with autocast:
@@ -496,7 +504,8 @@ def evaluate():
     check_finite("val_ce", r["ce"], r["bad_teacher"])
     n, has_teacher = r["n"], teacher is not None  # online or from the cache
     row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
-           "val_kl": r["kl"] / n if has_teacher else None, "val_top1": r["top1"] / n if has_teacher else None}
+           "val_kl": r["kl"] / n if has_teacher else None,
+           "val_top1": r["top1"] / n if has_teacher else None}
     if has_teacher and teacher_val_ce is None:
         teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
         if tcache is not None:
@@ -514,7 +523,7 @@ logger, log_path = NoLogger(), os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    if init_from == "resume" and os.path.exists(log_path):  # drop rows of iterations that will run again
+    if init_from == "resume" and os.path.exists(log_path):  # drop rows of iterations to run again
         with open(log_path) as f:
             rows = [r for r in map(json.loads, filter(str.strip, f))
                     if r["iter"] < iter_num or (r["iter"] == iter_num and "val_ce" in r)]
@@ -540,10 +549,10 @@ def log_row(row):  # eval rows have val_ce, train rows loss
         logger.log(row, step=row["iter"])
 
 
-# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16 tensor cores
-# are 8x its float32; float32 means TF32 where the GPU has it): the student's body and head (the loss's head
-# products) in dtype, the teacher in teacher_dtype. The first entry whose words are all in the GPU's name wins; anything else
-# (and CPUs) gets mfu null.
+# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16
+# tensor cores are 8x its float32; float32 means TF32 where the GPU has it): the student's body and
+# head (the loss's head products) in dtype, the teacher in teacher_dtype. The first entry whose
+# words are all in the GPU's name wins; anything else (and CPUs) gets mfu null.
 PEAK_FLOPS = [
     (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
@@ -562,18 +571,20 @@ if device_type == "cuda":
     s_body, s_head = raw_model.flops_per_token(block_size)
     parts = [(s_body, dtype), (s_head, dtype)]
     if teacher_model is not None:
-        parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
+        t_body, t_head = teacher_model.flops_per_token(block_size, backward=False)
+        parts += [(t_body, teacher_dtype), (t_head, teacher_dtype)]
     if all(d in peaks for _, d in parts):
         seconds_at_peak = sum(f / peaks[d] for f, d in parts)
 
 
-def peak_mem_gb():  # (allocated, reserved): CUDA's most held by tensors and by its cache; CPU: peak RSS, None
+def peak_mem_gb():  # (allocated, reserved): CUDA's most held by tensors and by its cache; CPU: RSS
     if device_type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9, torch.cuda.max_memory_reserved(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux reports KiB
+        return (torch.cuda.max_memory_allocated(device) / 1e9,
+                torch.cuda.max_memory_reserved(device) / 1e9)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
 
 
-# from here on Ctrl-C (and torchrun's SIGTERM) stop after the current step with a checkpoint; a second aborts
+# from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; twice aborts
 stop_requested = False
 
 
@@ -589,9 +600,10 @@ signal.signal(signal.SIGTERM, request_stop)
 # -----------------------------------------------------------------------------
 # the loop
 
-print0(f"{max_iters} iterations of {tokens_per_iter:,} tokens ({batch_size} batch * {block_size} block * "
-       f"{gradient_accumulation_steps} accum * {world_size} processes); {n_train:,} train windows, "
-       f"{len(val_windows)} val windows; student {dtype}, teacher {teacher or 'none'} {teacher_dtype}, {device}")
+print0(f"{max_iters} iterations of {tokens_per_iter:,} tokens ({batch_size} batch * {block_size} "
+       f"block * {gradient_accumulation_steps} accum * {world_size} processes); {n_train:,} train "
+       f"windows, {len(val_windows)} val windows; student {dtype}, teacher {teacher or 'none'} "
+       f"{teacher_dtype}, {device}")
 batches = step_batches(data_pos)
 t_log, log_from = time.time(), iter_num
 while True:
@@ -608,8 +620,8 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP averages
-    # gradients over processes, so each passes global / world_size and the gradient is the global mean
+    # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP
+    # averages gradients over processes, so each passes global / world_size: the global mean
     n_tokens = sum((y != -100).sum() for _, y, _ in batches).float()  # on the device: no sync
     if ddp:
         dist.all_reduce(n_tokens)
@@ -629,12 +641,13 @@ while True:
         stats["ce"] += s["ce"]
         stats["kl"] += s.get("kl", 0.0)
     data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
-    batches = step_batches(data_pos)  # the next step's batches, read while the GPU still works on this one
+    batches = step_batches(data_pos)  # the next step's, read while the GPU still works on this one
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop request;
-    # loss, ce, kl and grad_norm are the same mean on every process once divided by world_size
-    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=torch.full((), float(stop_requested), device=device)))
+    # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop
+    # request; loss, ce, kl and grad_norm are the same mean on every process once / world_size
+    stop = torch.full((), float(stop_requested), device=device)
+    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=stop))
     for k in ("loss", "ce", "kl", "grad_norm"):
         r[k] /= world_size
     check_finite("loss", r["loss"], r["bad_teacher"])
@@ -646,16 +659,17 @@ while True:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
         mem, reserved = peak_mem_gb()
-        log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"], "kl": r["kl"] if teacher is not None else None,
-                 "lr": lr, "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
-                 "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None, "peak_mem_gb": mem,
-                 "peak_reserved_gb": reserved})
+        log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
+                 "kl": r["kl"] if teacher is not None else None, "lr": lr,
+                 "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
+                 "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None,
+                 "peak_mem_gb": mem, "peak_reserved_gb": reserved})
         t_log, log_from = time.time(), iter_num + 1
     iter_num += 1
     if r["stop"]:
         save_checkpoint()
-        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings and "
-               f"--init_from=resume")
+        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings "
+               f"and --init_from=resume")
         if ddp:
             dist.barrier()  # the others wait for rank 0's checkpoint
             dist.destroy_process_group()
@@ -666,14 +680,14 @@ while True:
 
 if master and save:
     hf_dir, tokenizer_dir = os.path.join(out_dir, "hf"), None
-    if meta.get("tokenizer"):  # a local directory, or a hub id (its files are in the Hugging Face cache by now)
+    if meta.get("tokenizer"):  # a local directory, or a hub id (its files are in the hub's cache)
         try:
             tokenizer_dir = resolve_pretrained(meta["tokenizer"], TOKENIZER_FILES)
         except FileNotFoundError as e:  # offline, say: the weights are still exported
             print(f"note: the tokenizer is not saved with the student: {e}", file=sys.stderr)
     raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
-    print(f"exported the student at iter {iter_num} (its last weights) to {hf_dir}; the best val_ce was "
-          f"{best_val_ce:.4f}", flush=True)
+    print(f"exported the student at iter {iter_num} (its last weights) to {hf_dir}; the best "
+          f"val_ce was {best_val_ce:.4f}", flush=True)
 if ddp:
     dist.barrier()  # the others wait for rank 0's export
     dist.destroy_process_group()
