@@ -100,7 +100,6 @@ dtype = "float32"  # student compute: float32 | bfloat16 | float16 (autocast ove
 compile = False  # torch.compile student and teacher (needs Triton: not on a T4 with recent torch)
 seed = 1337
 config = configure(globals())
-# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # the settings' valid values, checked before anything is loaded
