@@ -5,6 +5,7 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py prepare    # prepare.py vs the bare tokenizer
     python bench.py loss       # the fused distillation loss vs the plain full-logits loss
     python bench.py bytes      # the loss's memory traffic outside the head products, per token, each mode
+    python bench.py precision  # the student's head in float16/bfloat16 against float32, at the real V
     python bench.py step       # a whole distillation step vs the same step written with transformers
     python bench.py cache      # a step from the teacher cache vs the online step
     python bench.py gpu        # CUDA only: config/t4.py through distill.py for 20 steps, then the largest batch
@@ -16,6 +17,7 @@ tokenizer as a hub id, the default, or a local directory). The loss's reference 
 the step's ~11 GB (its timing holds both sides in one process).
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -316,9 +318,10 @@ class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def loss_bytes(loss_file=None, tokens=256, V=151_936, vocab=151_665, D_s=512, D_t=896, chunk_size=128):
-    """The [C, V] bytes per token of distill_loss's forward + backward (ByteCounter), each mode. loss_file: another
-    loss.py to count (e.g. `git show 8ff3a5c:loss.py > /tmp/old.py`, the loss before issue 21)."""
+def loss_bytes(loss_file=None, tokens=256, V=151_936, vocab=151_665, D_s=512, D_t=896, chunk_size=128, repeats=3):
+    """The [C, V] bytes per token of distill_loss's forward + backward (ByteCounter) and its CPU time per token
+    (medians of `repeats`, the modes in turn), each mode. loss_file: another loss.py to count (e.g.
+    `git show 8ff3a5c:loss.py > /tmp/old.py`, the loss before issue 21)."""
     import importlib.util
 
     if loss_file:
@@ -340,30 +343,76 @@ def loss_bytes(loss_file=None, tokens=256, V=151_936, vocab=151_665, D_s=512, D_
     modes = [("forward_kl + CE (default)", dict(kind="forward_kl")), ("reverse_kl + CE", dict(kind="reverse_kl")),
              ("jsd + CE", dict(kind="jsd")), ("CE only", dict(alpha=0.0, h_t=None, w_t=None)),
              ("sampled teacher (cache) + CE", dict(h_t=None, w_t=None, sparse=sparse))]
-    rows = []
-    for name, kw in modes:
+    if hasattr(lib, "DIVERGENCES"):  # forward KL once more, given by its value alone: autograd's gradient
+        lib.DIVERGENCES["forward_kl_by_value"] = lib.forward_kl
+        modes.append(("forward_kl by its value alone (autograd) + CE", dict(kind="forward_kl_by_value")))
+
+    def step(kw, count=False):
         args = dict(h_t=h_t, w_t=w_t, alpha=0.5, temperature=2.0) | kw
         hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
-        with ByteCounter(vocab, chunk_size) as counter:
-            loss = lib.distill_loss(hs, ws, args.pop("h_t"), args.pop("w_t"), y, vocab_size=vocab,
-                                    chunk_size=chunk_size, **args)[0]
-            loss.backward()
+        with ByteCounter(vocab, chunk_size) if count else contextlib.nullcontext() as counter:
+            lib.distill_loss(hs, ws, args.pop("h_t"), args.pop("w_t"), y, vocab_size=vocab, chunk_size=chunk_size,
+                             **args)[0].backward()
+        return counter
+
+    rows = []
+    for name, kw in modes:
+        counter = step(kw, count=True)
         top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6]
         rows.append(dict(mode=name, per_token=counter.bytes / tokens,
                          top=", ".join(f"{k} {v / tokens / (vocab * 4):.1f}" for k, v in top)))
+    times = interleaved({name: lambda kw=kw: step(kw) for name, kw in modes}, repeats)
+    for r in rows:
+        r["time"] = times[r["mode"]] / tokens
     return rows
 
 
-def bench_bytes(loss_file=None, tokens=256, chunk_size=128):
+def bench_bytes(loss_file=None, tokens=256, chunk_size=128, repeats=3):
     """The loss's memory traffic outside the head products, per token, for each mode (float32)."""
     vocab = 151_665
-    rows = loss_bytes(loss_file=loss_file, tokens=int(tokens), chunk_size=int(chunk_size))
+    rows = loss_bytes(loss_file=loss_file, tokens=int(tokens), chunk_size=int(chunk_size), repeats=int(repeats))
     print(f"distill_loss forward + backward, {loss_file or 'loss.py'}, {tokens} tokens in chunks of {chunk_size}, "
           f"V = {vocab:,}, float32, T = 2, alpha = 0.5: bytes read and written by the non-matmul ops on [C, V] "
           f"tensors (bench.ByteCounter), per token; a pass = one float32 [V] row read or written "
-          f"({vocab * 4 / 1e6:.2f} MB)\n")
-    table(["mode", "MB / token", "passes / token", "largest ops (passes)"],
-          [[r["mode"], f"{r['per_token'] / 1e6:.1f}", f"{r['per_token'] / (vocab * 4):.1f}", r["top"]] for r in rows])
+          f"({vocab * 4 / 1e6:.2f} MB); CPU ms / token: forward + backward, medians of {repeats}, the modes in turn "
+          f"({machine()})\n")
+    table(["mode", "MB / token", "passes / token", "CPU ms / token", "largest ops (passes)"],
+          [[r["mode"], f"{r['per_token'] / 1e6:.1f}", f"{r['per_token'] / (vocab * 4):.1f}", f"{r['time'] * 1e3:.2f}",
+            r["top"]] for r in rows])
+
+
+def bench_precision(tokens=128, V=151_936, vocab=151_665, D_s=512, D_t=896, chunk_size=128):
+    """The student's head in float16/bfloat16 (distill_loss under autocast) against the float32 path, on the same
+    inputs at the real V: the loss's relative difference and the cosine of each gradient to float32's. Logits of
+    std ~3 (random heads N(0, 0.15), hidden states N(0, 1)); the teacher's head in float16, as config/t4.py's."""
+    from loss import distill_loss
+
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(1, tokens, D_s), torch.randn(1, tokens, D_t)
+    w_s, w_t = torch.randn(V, D_s) * 0.15, (torch.randn(V, D_t) * 0.11).half()
+    y = torch.randint(0, vocab, (1, tokens))
+
+    def run(dtype, kind, alpha):
+        hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = distill_loss(hs, ws, h_t, w_t, y, alpha=alpha, temperature=2.0, vocab_size=vocab, kind=kind,
+                                   chunk_size=chunk_size)
+        loss.backward()
+        return loss.item(), hs.grad.flatten(), ws.grad.flatten()
+
+    rows = []
+    for kind, alpha in (("forward_kl", 0.5), ("forward_kl", 1.0), ("reverse_kl", 0.5)):
+        ref = run(torch.float32, kind, alpha)
+        for dtype in (torch.bfloat16, torch.float16):
+            got = run(dtype, kind, alpha)
+            cos = [F.cosine_similarity(g.double(), r.double(), 0).item() for g, r in zip(got[1:], ref[1:])]
+            rows.append([f"{kind}, alpha {alpha}", str(dtype).split(".")[1], f"{ref[0]:.5f}", f"{got[0]:.5f}",
+                         f"{abs(got[0] - ref[0]) / ref[0]:.1e}", f"{1 - cos[0]:.1e}", f"{1 - cos[1]:.1e}"])
+    print(f"{tokens} tokens, V = {V:,} ({vocab:,} in the softmaxes), D_s = {D_s}, teacher head float16, T = 2, CPU "
+          f"({machine()}). A CPU rounds a half product to its dtype before the float32 cast (CUDA's out_dtype keeps "
+          f"float32): these differences bound a GPU's from above\n")
+    table(["loss", "head dtype", "float32 loss", "half loss", "relative difference", "1 - cos grad_h",
+           "1 - cos grad_w"], rows)
 
 
 # -----------------------------------------------------------------------------
@@ -518,6 +567,138 @@ def gpu_checks(teacher, batch_size, block_size, device):
     return out
 
 
+class Clock:
+    """Marks between parts of a step: CUDA events on a GPU (no sync until read), perf_counter on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self):  # the intervals between consecutive marks
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+PARTS = ("teacher forward", "student body forward", "loss (both heads, grads of the head)",
+         "student body backward", "optimizer (AdamW, scaler)")
+
+
+def gpu_parts(teacher, device, dtype, compiled, batch_size, block_size, chunk_size, steps, teacher_dtype="float16",
+              student="student-123m"):
+    """One process: config/t4.py's step (float16 teacher, the student in `dtype` under autocast, distill_loss at
+    chunk_size) timed part by part with CUDA events, medians over `steps` after 3 warm-up steps; then the loss's
+    three student-head products alone, at the same shapes and dtype, and the loss with the elementwise work alone
+    (the products subtracted). compiled: torch.compile the two bodies (the loss stays eager)."""
+    from loss import distill_loss, head
+    from model import CONFIGS, DTYPES, Transformer
+
+    torch.manual_seed(0)
+    dt = DTYPES[dtype]
+    t = Transformer.from_pretrained(teacher, dtype=DTYPES[teacher_dtype], device=device, verbose=False,
+                                    max_seq_len=block_size).requires_grad_(False).eval()
+    s = Transformer(CONFIGS[student], verbose=False).to(device)
+    opt = torch.optim.AdamW(s.parameters(), lr=3e-4, fused=True)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dt == torch.float16)
+    body, t_body = (torch.compile(s), torch.compile(t)) if compiled else (s, t)
+    autocast = torch.autocast(torch.device(device).type, dtype=dt, enabled=dt != torch.float32)
+    x = torch.randint(0, VOCAB, (batch_size, block_size + 1), device=device)
+    idx, y = x[:, :-1], x[:, 1:]
+    times = []
+    for step in range(3 + steps):
+        clock = Clock(device)
+        clock.mark()
+        with torch.no_grad():
+            h_t = t_body(idx)
+        clock.mark()
+        with autocast:
+            h_s = body(idx)
+        clock.mark()
+        with autocast:
+            h_s_leaf = h_s.detach().requires_grad_()  # the loss alone: its grad_h lands here
+            loss, _ = distill_loss(h_s_leaf, s.lm_head.weight, h_t, t.lm_head.weight, y, alpha=ALPHA,
+                                   temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size)
+            scaler.scale(loss).backward()
+        clock.mark()
+        h_s.backward(h_s_leaf.grad)
+        clock.mark()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+        if step >= 3:
+            times.append(clock.seconds())
+    out = {part: statistics.median(ts) for part, ts in zip(PARTS, zip(*times))}
+    # the three head products alone: logits, grad_h, grad_w, chunk by chunk, in the loss's dtypes
+    hd = dt
+    w, h = s.lm_head.weight[:VOCAB].detach().to(hd), h_s.detach().reshape(-1, h_s.shape[-1]).to(hd)
+    z = torch.empty(chunk_size, VOCAB, device=device)
+    g = torch.zeros(chunk_size, VOCAB, device=device, dtype=hd)
+    gw = torch.zeros(w.shape, device=device)
+    prod = []
+    for step in range(3 + steps):
+        clock = Clock(device)
+        clock.mark()
+        for i in range(0, h.shape[0], chunk_size):
+            hc = h[i:i + chunk_size]
+            head(hc, w, z[:len(hc)])
+            head(g[:len(hc)], w.T)
+            if hd == torch.float32:
+                gw.addmm_(g[:len(hc)].T, hc)
+            elif w.is_cuda:
+                torch.addmm(gw, g[:len(hc)].T, hc, out_dtype=torch.float32, out=gw)
+            else:
+                gw.add_(torch.mm(g[:len(hc)].T, hc))
+        clock.mark()
+        if step >= 3:
+            prod.append(clock.seconds()[0])
+    out["of which the head's 3 products"] = statistics.median(prod)
+    out["step"] = sum(out[p] for p in PARTS)
+    if torch.device(device).type == "cuda":
+        out["peak GB"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def bench_gpu_parts(teacher, device, batch_size, block_size, chunk_size, steps, timeout, **kw):
+    """The table of gpu_parts for float32, float16 and bfloat16 (where the GPU has it), eager and compiled; each
+    setting in its own process, so that a compile failure (no Triton for a T4) is a row, not the end."""
+    dtypes = ["float32", "float16"]
+    if torch.device(device).type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0):
+        dtypes.append("bfloat16")
+    rows, tokens = [], batch_size * block_size
+    for dtype in dtypes:
+        for compiled in (False, True):
+            what = f"{dtype}, {'compiled' if compiled else 'eager'}"
+            try:
+                r = run_child(gpu_parts, timeout=timeout, teacher=teacher, device=device, dtype=dtype,
+                              compiled=compiled, batch_size=batch_size, block_size=block_size,
+                              chunk_size=chunk_size, steps=steps, **kw)
+            except SystemExit as e:
+                print(f"- {what}: failed: {str(e).strip().splitlines()[-1][:200]}", flush=True)
+                continue
+            loss, prod = r[PARTS[2]], r["of which the head's 3 products"]
+            rows.append([what] + [f"{r[p] * 1e3:.0f}" for p in PARTS[:2]] +
+                        [f"{loss * 1e3:.0f} ({prod * 1e3:.0f} + {(loss - prod) * 1e3:.0f})"] +
+                        [f"{r[p] * 1e3:.0f}" for p in PARTS[3:]] +
+                        [f"{r['step'] * 1e3:.0f}", f"{tokens / r['step']:,.0f}",
+                         f"{r['peak GB']:.2f}" if "peak GB" in r else "-"])
+            print(f"- {what}: done", flush=True)
+    print(f"\nper part, ms a step (medians of {steps} after 3 warm-ups), batch {batch_size} x {block_size}, "
+          f"distill_loss chunk_size={chunk_size}; loss = (its head's 3 products alone + the rest: the elementwise "
+          f"work); compiled = the two bodies under torch.compile, the loss eager\n", flush=True)
+    table(["student dtype", "teacher fwd", "student fwd", "loss (products + elementwise)", "student bwd",
+           "optimizer", "step", "tokens/s", "peak GB"], rows)
+
+
 def cache_pair(B, T, steps, threads, chunk_size, cache_dir):
     """The online step and the cached step in one process, in turn: the speed ratio."""
     torch.set_num_threads(threads)
@@ -566,10 +747,11 @@ def bench_cache(B=1, T=512, steps=5, windows=8, threads=0, chunk_size=128, sampl
 
 
 def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cuda", teacher=None, timeout=300,
-              **flags):
+              parts=True, parts_steps=10, **flags):
     """The T4 run (config/t4.py: float16 teacher, float32 student, batch 8 x 512) through distill.py itself, with
     random tokens and a random teacher of the Qwen2.5-0.5B shape (or `teacher`, a hub id or directory: any teacher
-    distill.py takes, e.g. --teacher=Qwen/Qwen2.5-1.5B). First gpu_checks; then `steps` steps: tokens/s, MFU, peak
+    distill.py takes, e.g. --teacher=Qwen/Qwen2.5-1.5B). First gpu_checks; then the step part by part for each dtype,
+    eager and compiled (bench_gpu_parts: CUDA events; parts=False skips it); then `steps` steps: tokens/s, MFU, peak
     memory allocated and reserved; then 3 steps at each of `batches` up to the first whose reserved memory passes
     limit_gb (the T4's 15 GB less ~1 GB for CUDA's context) or runs out. Every row is printed as it comes, so a
     run cut short keeps what it measured; each child has `timeout` seconds and writes no checkpoint or export.
@@ -601,6 +783,9 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cud
                 print(f"- {what}: {result}", flush=True)
         except SystemExit as e:
             print(f"- the checks failed: {e}", flush=True)
+        if str(parts) not in ("False", "0"):  # the budget of docs/benchmarks.md, part by part
+            bench_gpu_parts(teacher or d, device, 8, block, int(flags.get("kd_chunk_size", 128)), int(parts_steps),
+                            timeout, **({"teacher_dtype": flags["teacher_dtype"]} if "teacher_dtype" in flags else {}))
 
         def run(batch_size, iters):
             args = dict(dict(teacher=teacher or d, data_dir=d, out_dir=os.path.join(d, "out"), device=device,
@@ -709,9 +894,10 @@ def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
 
 
 SECTIONS = {"model": bench_model, "prepare": bench_prepare, "loss": bench_loss, "bytes": bench_bytes,
-            "step": bench_step, "cache": bench_cache, "gpu": bench_gpu, "spec": bench_spec}
+            "precision": bench_precision, "step": bench_step, "cache": bench_cache, "gpu": bench_gpu,
+            "spec": bench_spec}
 CHILDREN = {"loss_side": loss_side, "step_side": step_side, "step_pair": step_pair, "gpu_checks": gpu_checks,
-            "cache_pair": cache_pair}
+            "gpu_parts": gpu_parts, "cache_pair": cache_pair}
 
 # -----------------------------------------------------------------------------
 # the command line. What a section takes on docs/benchmarks.md's machine (2 CPU cores), for the list that a bare

@@ -93,8 +93,9 @@ def head(h, w, out=None):
 
 def _rowdot(a, b, out=None):
     """sum_v a * b per row: a [C, V], b [C, V] -> [C, 1], or b [k, C, V] -> [C, k]. Without out: a batched product,
-    no [C, V] temporary, a read of each operand, but a float32 sum in sequence: good for a value. With out (a free
-    [C, V] buffer): a product, then torch.sum's more accurate pairwise sum, for a row sum a gradient takes."""
+    no [C, V] temporary, a read of each operand, but a float32 sum in sequence: good for a value, and fast on a
+    CPU for k = 2 (k = 1 is slow there). With out (a free [C, V] buffer): a product, then torch.sum's more accurate
+    pairwise sum, for a row sum that a gradient takes."""
     if out is not None:
         return torch.mul(a, b, out=out).sum(-1, keepdim=True)
     b = b.unsqueeze(0) if b.dim() == 2 else b
@@ -129,8 +130,8 @@ def _forward_kl(uv, p_s, free, beta, m):
 def _reverse_kl(uv, p_s, free, beta, m):
     u, v = uv
     p_t = torch.softmax(v, -1, out=free[0])                     # free[0]: p_t
-    r = torch.sub(u, v, out=v).add_(_lse(p_t, m.v_max, m.v_arg) - m.lse_u)  # v: r = log p_s - log p_t
-    kl = -_rowdot(p_t, r)
+    r = torch.sub(u, v, out=v).add_(_lse(p_t, m.v_max, m.v_arg) - m.lse_u)  # v: r = log p_s - log p_t; u: free
+    kl = -_rowdot(p_t, r, out=u)
     d = _rowdot(p_s, r, out=free[0])                            # free[0]: free
     return kl, d, r.sub_(d).mul_(p_s), 1.0                      # v: p_s (r - d)
 
@@ -140,13 +141,13 @@ def _jsd(uv, p_s, free, beta, m):
     log_ps = torch.log_softmax(u, -1, out=free[1])              # free[1]: log p_s; u: free
     log_pt = torch.log_softmax(v, -1, out=u)                    # u: log p_t
     p_t = torch.exp(log_pt, out=v)                              # v: p_t
-    tpt = _rowdot(p_t, log_pt)                                  # sum p_t log p_t
-    kl = tpt - _rowdot(p_t, log_ps)
+    tpt = _rowdot(p_t, log_pt, out=free[0])                     # sum p_t log p_t
+    kl = tpt - _rowdot(p_t, log_ps, out=free[0])
     log_m = torch.add(log_pt, math.log(beta) - math.log1p(-beta), out=free[0])
     torch.logaddexp(log_m, log_ps, out=log_m).add_(math.log1p(-beta))  # free[0]: log M
-    kl_tm = tpt - _rowdot(p_t, log_m)                           # KL(p_t || M)
     r = torch.sub(log_ps, log_m, out=log_m)                     # free[0]: r = log p_s - log M
-    kl_sm = _rowdot(p_s, r, out=u)                              # KL(p_s || M); u: free
+    kl_tm = kl + _rowdot(p_t, r, out=u)                         # KL(p_t || M), as log M = log p_s - r; u: free
+    kl_sm = _rowdot(p_s, r, out=u)                              # KL(p_s || M)
     d = beta * kl_tm + (1 - beta) * kl_sm
     return kl, d, r.sub_(kl_sm).mul_(p_s), 1 - beta             # free[0]: p_s (r - kl_sm)
 
