@@ -611,6 +611,9 @@ def request_stop(signum, frame):
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
+# a second Ctrl-C aborts with one line, which says how to go on from the last checkpoint (if there is one yet)
+one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume" if os.path.exists(ckpt_path)
+                    else "rerun the same command")
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +139,26 @@ def test_training_and_export_killed_then_resumed(data, model_dir, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     hf = load_file(out / "hf" / "model.safetensors")
     assert torch.equal(hf["model.embed_tokens.weight"], ckpt["model"]["embed_tokens.weight"])
+
+
+def test_second_ctrl_c_in_the_loop(slow_teacher, data, tmp_path):
+    """The first Ctrl-C in the loop asks for a checkpoint after the step; a second, during that step, aborts in one
+    line that says how to go on from the checkpoint there is (iter 0's)."""
+    out = tmp_path / "out"
+    args = [f"--data_dir={data}", f"--teacher={slow_teacher}", f"--out_dir={out}", *SHORT, "--batch_size=16"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=os.path.dirname(REPO))
+    for line in p.stdout:
+        if line.startswith("iter 0:"):
+            break
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.01)  # long enough for the first to be handled, and a step of the slow teacher takes ~10x that
+    p.send_signal(signal.SIGINT)
+    out_text, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "stopped at" not in out_text, out_text
+    assert f"continue from {out / 'ckpt.pt'} with --init_from=resume" in one_line(err)
+    assert loads(out / "ckpt.pt") == 0
 
 
 def test_pruned_run_says_what_it_made(data, model_dir, tmp_path):
