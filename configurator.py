@@ -146,15 +146,17 @@ def check_writable(folder, setting):
 
 def one_line_interrupts(what="rerun the same command"):
     """From here on Ctrl-C and SIGTERM end the script with one line and exit status 130, not a traceback. For
-    phases that rename their files into place only when whole, so that nothing half-written is kept."""
+    phases that rename their files into place only when whole, so that nothing half-written is taken as complete
+    (the cache build's part files stay until the rerun builds again). what: the way on, or a function that says
+    it at the moment of the interrupt."""
     import signal
 
     def hook(kind, value, tb):
         if not issubclass(kind, KeyboardInterrupt):
             return sys.__excepthook__(kind, value, tb)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written was kept: {what}",
-                  file=sys.stderr, flush=True)
+            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written is taken as complete: "
+                  f"{what() if callable(what) else what}", file=sys.stderr, flush=True)
         os._exit(130)
 
     def interrupt(signum, frame):

@@ -177,7 +177,7 @@ autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, 
 # out_dir: writable, created only when the first file is written, and no earlier run in it lost to a
 # forgotten --init_from=resume (every process checks, so that all stop together)
 check_writable(out_dir, "out_dir")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
 if init_from != "resume" and os.path.exists(ckpt_path):
     die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in "
         f"another --out_dir (or delete it)")
@@ -263,6 +263,22 @@ if init_from == "resume":
     except ValueError as e:
         die(str(e))
     print0(f"resuming {ckpt_path} at iter {ckpt['iter_num']}", *report, sep="\n")
+
+log_rows = []  # on resume, log.jsonl's rows up to the checkpoint; the later iterations run again
+if ckpt is not None and os.path.exists(log_path):
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            assert isinstance(row, dict) and isinstance(row.get("iter"), int)
+        except (ValueError, AssertionError):
+            if i == len(lines) - 1 and line.startswith("{") and not line.endswith("\n"):
+                break  # the last row's write cut short: its iteration runs again
+            die(f"{log_path} is damaged at line {i + 1}: restore it, or delete it (the log then starts at "
+                f"iter {ckpt['iter_num']})")
+        if row["iter"] < ckpt["iter_num"] or (row["iter"] == ckpt["iter_num"] and "val_ce" in row):
+            log_rows.append(row)
 
 # -----------------------------------------------------------------------------
 # the teacher: online (model.py, frozen) or its sampled cache (cache.py). teacher_side() gives the
@@ -518,16 +534,11 @@ class NoLogger:
         pass
 
 
-logger, log_path = NoLogger(), os.path.join(out_dir, "log.jsonl")
+logger = NoLogger()
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    if init_from == "resume" and os.path.exists(log_path):  # drop rows of iterations to run again
-        with open(log_path) as f:
-            rows = [r for r in map(json.loads, filter(str.strip, f))
-                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_ce" in r)]
-    with open(log_path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(log_path + ".tmp", "w") as f:  # rows of iterations that will run again are dropped
+        f.writelines(json.dumps(r) + "\n" for r in log_rows)
     os.replace(log_path + ".tmp", log_path)
     if wandb_log:
         try:
@@ -593,6 +604,9 @@ def request_stop(signum, frame):
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
+# a second Ctrl-C aborts with one line, which says how to go on from the last checkpoint (if there is one yet)
+one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume" if os.path.exists(ckpt_path)
+                    else "rerun the same command")
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
