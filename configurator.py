@@ -53,7 +53,8 @@ def configure(g, argv=None):
         if isinstance(default, float) and type(value) is int:
             return float(value)
         kind = type(default).__name__
-        fail(f"{key} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} (default {default!r}), got {value!r} in {where}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        fail(f"{key} takes {article} {kind} (default {default!r}), got {value!r} in {where}")
 
     for arg in argv:
         if not arg.startswith("--"):  # a config file
