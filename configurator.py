@@ -53,7 +53,8 @@ def configure(g, argv=None):
         if isinstance(default, float) and type(value) is int:
             return float(value)
         kind = type(default).__name__
-        fail(f"{key} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} (default {default!r}), got {value!r} in {where}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        fail(f"{key} takes {article} {kind} (default {default!r}), got {value!r} in {where}")
 
     for arg in argv:
         if not arg.startswith("--"):  # a config file
@@ -224,7 +225,8 @@ class progress:
     def line(self, end=""):
         took = self.clock() - self.start
         rate = self.n / took if took > 0 else 0.0
-        eta = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.total and self.n < self.total else ""
+        eta = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.total and self.n < self.total and \
+            not end else ""  # the last line: a total that was an estimate leaves nothing "left"
         done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
         print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{end}", file=self.file, flush=True)
 
