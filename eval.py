@@ -221,12 +221,12 @@ def main():
                                       predicted_tokens_per_call=pred_tokens, predicted_speedup=pred_speedup,
                                       speedup=gen["teacher_s"] / st["s"], **st)
     bar.close()
-    report(result, gs)
+    report(result)
     atomic_write(out, lambda p: open(p, "w").write(json.dumps(result, indent=1) + "\n"))
     print(f"wrote {out}", file=sys.stderr)
 
 
-def report(result, gs):
+def report(result):
     sampled = f"T {temperature}" + (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p}" if top_p else "")
     print(f"\nteacher {result['teacher']}: val CE {result['teacher_val_ce']:.3f} "
           f"(ppl {np.exp(result['teacher_val_ce']):.1f}), {result['tokens']:,} held-out tokens\n")
@@ -238,7 +238,7 @@ def report(result, gs):
     if not any(r["generation"] for r in result["students"].values()):
         return
     print(f"\nspeculative generation at {sampled}: {prompts} prompts of {prompt_len} tokens, {new_tokens} new "
-          f"tokens each\n\n| student | g | c | tokens per teacher call (predicted) | acceptance | "
+          f"tokens each\n\n| student | g | c | tokens per teacher call (predicted) | drafts kept | "
           f"speed-up predicted | speed-up measured |\n|---|---|---|---|---|---|---|")
     for name, r in result["students"].items():
         for g, s in r["generation"].items():
