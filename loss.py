@@ -251,8 +251,12 @@ class _FusedLoss(torch.autograd.Function):
         y = targets.reshape(-1).long()
         idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync (n sizes chunks)
         need_grad, half = o.need_h or o.need_w, o.head_dtype != torch.float32
-        # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32
+        # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32.
+        # A CPU has no half product with a float32 result: there the operands are rounded to the half dtype and
+        # multiplied in float32, what a GPU's tensor cores compute (a half result could overflow)
+        emulate = half and not hs.is_cuda
         ws = w_s[:o.vocab].to(o.head_dtype) if half or need_grad else w_s[:o.vocab]
+        ws = ws.float() if emulate else ws
         wt = w_t[:o.vocab] if w_t is not None else None            # [vocab, D_t] in its own dtype, no grad
         n, dev, f32 = idx.numel(), hs.device, torch.float32
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if o.need_h else None
@@ -269,7 +273,8 @@ class _FusedLoss(torch.autograd.Function):
             ix = idx[i:i + o.chunk_size]
             c = len(ix)
             h_c, y_c, uv_c = hs[ix], y[ix, None], uv[:, :c]        # [c, D_s], [c, 1], [2, c, vocab]
-            head(h_c * s if s != 1 else h_c, ws, uv_c[0])          # u = z_s * s
+            h_u = h_c * s if s != 1 else h_c
+            head(h_u.to(o.head_dtype).float() if emulate else h_u, ws, uv_c[0])  # u = z_s * s
             if ht is not None:
                 head(ht[ix] / o.tau, wt, uv_c[1])                  # v = z_t / tau
             sp = None if sparse is None else [t[ix] for t in sparse]
@@ -286,9 +291,11 @@ class _FusedLoss(torch.autograd.Function):
                     g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
                 G = torch.mul(G, scale / row, out=g16[:c])
                 w_b, h_b, out_scale, alpha_w = ws, h_c.to(o.head_dtype), factor / scale, factor / scale
+                if emulate:
+                    G, h_b = G.float(), h_b.float()
             else:  # float32 (or float16 without a bound on G: these two products stay float32)
                 if half and ws_f is None:
-                    ws_f = ws.float()
+                    ws_f = w_s[:o.vocab].float()
                 w_b, out_scale = ws_f if half else ws, factor / row  # the rows' 1 / S on the [c, D] side
                 h_b, alpha_w = h_c.float() * out_scale, 1.0
             if o.need_h:
