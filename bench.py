@@ -408,8 +408,8 @@ def bench_precision(tokens=128, V=151_936, vocab=151_665, D_s=512, D_t=896, chun
             rows.append([f"{kind}, alpha {alpha}", str(dtype).split(".")[1], f"{ref[0]:.5f}", f"{got[0]:.5f}",
                          f"{abs(got[0] - ref[0]) / ref[0]:.1e}", f"{1 - cos[0]:.1e}", f"{1 - cos[1]:.1e}"])
     print(f"{tokens} tokens, V = {V:,} ({vocab:,} in the softmaxes), D_s = {D_s}, teacher head float16, T = 2, CPU "
-          f"({machine()}). A CPU rounds a half product to its dtype before the float32 cast (CUDA's out_dtype keeps "
-          f"float32): these differences bound a GPU's from above\n")
+          f"({machine()}); a CPU emulates the GPU's half products: operands rounded to the half dtype, multiplied in "
+          f"float32\n")
     table(["loss", "head dtype", "float32 loss", "half loss", "relative difference", "1 - cos grad_h",
            "1 - cos grad_w"], rows)
 
