@@ -219,7 +219,7 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     elif dense:
         kl, div, g, c = _autograd(DIVERGENCES[o.kind], uv, o.beta, need_grad)
         bound = None
-    # CE at temperature 1, q = softmax(z_s) = p_s^tau / S with S = sum p_s^tau: log-sum-exp(z_s) = tau lse_u + log S
+    # CE at temperature 1: q = softmax(z_s) = p_s^tau / S, S = sum p_s^tau, so logsumexp(z_s) = tau lse_u + log S
     if tau == 1:
         q, S = p_s, torch.ones_like(u_max)
     else:
@@ -249,7 +249,7 @@ class _FusedLoss(torch.autograd.Function):
         hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
-        idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync (n sizes chunks)
+        idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync
         need_grad, half = o.need_h or o.need_w, o.head_dtype != torch.float32
         # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32.
         # A CPU has no half product with a float32 result: there the operands are rounded to the half dtype and
@@ -263,7 +263,7 @@ class _FusedLoss(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if o.need_w else None  # padding rows stay 0
         sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
         s = 1 / o.tau if ht is not None or sparse is not None else 1.0
-        # [C, vocab] buffers, allocated once per call (a fresh one per chunk costs page faults): u and v, p_s, scratch
+        # [C, vocab] buffers, once per call (a fresh one per chunk costs page faults): u and v, p_s, scratch
         C = min(o.chunk_size, n)
         n_free = 1 if ht is None else ANALYTIC.get(o.kind, (None, 1))[1]
         uv = torch.empty(1 + (ht is not None), C, o.vocab, dtype=f32, device=dev)
