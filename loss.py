@@ -51,8 +51,8 @@ def reference_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, voca
     if h_t is not None:
         z_t = h_t[mask] @ w_t[:vocab].T
         log_pt = F.log_softmax(z_t / tau, -1)
-        kl = forward_kl(log_ps, log_pt, beta).sum() / N               # always the forward KL, for the logs
         div = DIVERGENCES[kind](log_ps, log_pt, beta).sum() / N
+        kl = div if kind == "forward_kl" else forward_kl(log_ps, log_pt, beta).sum() / N  # for the logs
         top1 = (z_s.argmax(-1) == z_t.argmax(-1)).sum() / N
     elif sparse is not None:  # a sampled teacher (cache.py): the unbiased estimate CE(t_hat, p_s) - H(p_t)
         t_hat, ids = sparse["t_hat"][mask], sparse["ids"][mask]
