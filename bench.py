@@ -225,18 +225,8 @@ def bench_prepare(data=os.path.join(REPO, "data", "zh_wiki_sample.jsonl"), token
 # the fused distillation loss vs the plain full-logits loss
 
 
-def plain_loss(z_s, z_t, targets, alpha=0.5, temperature=2.0, ignore_index=-100):
-    """The loss as a careful but naive user writes it: full (B, T, V) logits, the right normalizer."""
-    mask = targets != ignore_index
-    kl = F.kl_div(F.log_softmax(z_s / temperature, -1), F.log_softmax(z_t / temperature, -1),
-                  reduction="none", log_target=True).sum(-1)
-    kl = (kl * mask).sum() / mask.sum()
-    ce = F.cross_entropy(z_s.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
-
-
 def loss_side(side, B, T, V, D_s, D_t, iters, chunk_size):
-    from loss import distill_loss
+    from loss import distill_loss, reference_loss
 
     g = torch.Generator().manual_seed(0)
     h_s = torch.randn(B, T, D_s, generator=g).requires_grad_()
@@ -248,10 +238,8 @@ def loss_side(side, B, T, V, D_s, D_t, iters, chunk_size):
 
     def step():
         h_s.grad = w_s.grad = None
-        if side == "reference":
-            with torch.no_grad():
-                z_t = h_t @ w_t.T
-            loss = plain_loss(h_s @ w_s.T, z_t, targets)
+        if side == "reference":  # the definition (loss.py): full logits, autograd
+            loss = reference_loss(h_s, w_s, h_t, w_t, targets)[0]
         else:
             loss = distill_loss(h_s, w_s, h_t, w_t, targets, chunk_size=chunk_size)[0]
         loss.backward()
@@ -409,8 +397,8 @@ def bench_precision(tokens=128, V=151_936, vocab=151_665, D_s=512, D_t=896, chun
             rows.append([f"{kind}, alpha {alpha}", str(dtype).split(".")[1], f"{ref[0]:.5f}", f"{got[0]:.5f}",
                          f"{abs(got[0] - ref[0]) / ref[0]:.1e}", f"{1 - cos[0]:.1e}", f"{1 - cos[1]:.1e}"])
     print(f"{tokens} tokens, V = {V:,} ({vocab:,} in the softmaxes), D_s = {D_s}, teacher head float16, T = 2, CPU "
-          f"({machine()}). A CPU rounds a half product to its dtype before the float32 cast (CUDA's out_dtype keeps "
-          f"float32): these differences bound a GPU's from above\n")
+          f"({machine()}); a CPU emulates the GPU's half products: operands rounded to the half dtype, multiplied in "
+          f"float32\n")
     table(["loss", "head dtype", "float32 loss", "half loss", "relative difference", "1 - cos grad_h",
            "1 - cos grad_w"], rows)
 
@@ -435,7 +423,7 @@ def hf_config(cfg):
 def make_step(side, B, T, chunk_size, cache_dir=None):
     """One training step of a side, as a function. Random weights on both sides (N(0, 0.02), not the same
     values: a speed and memory test). cached: the student alone, its teacher read from cache_dir (bench_cache)."""
-    from loss import distill_loss
+    from loss import distill_loss, reference_loss
     from model import CONFIGS, Transformer
 
     tcfg, scfg = CONFIGS["qwen2.5-0.5b"], CONFIGS["student-123m"]
@@ -465,10 +453,12 @@ def make_step(side, B, T, chunk_size, cache_dir=None):
         teacher = Qwen2ForCausalLM(hf_config(tcfg)).requires_grad_(False).eval()
         student = Qwen2ForCausalLM(hf_config(scfg)).train()
 
-        def loss_fn(x, y):
+        def loss_fn(x, y):  # transformers' final hidden states, then the plain full-logits loss of loss.py
             with torch.no_grad():
-                z_t = teacher(x).logits
-            return plain_loss(student(x).logits, z_t, y, ALPHA, TEMPERATURE)
+                h_t = teacher.model(x).last_hidden_state
+            return reference_loss(student.model(x).last_hidden_state, student.lm_head.weight, h_t,
+                                  teacher.lm_head.weight, y, alpha=ALPHA, temperature=TEMPERATURE,
+                                  vocab_size=VOCAB)[0]
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, weight_decay=0.01, fused=True)  # as distill.py
     data = torch.randint(0, VOCAB, (B, T + 1))

@@ -51,8 +51,8 @@ def reference_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, voca
     if h_t is not None:
         z_t = h_t[mask] @ w_t[:vocab].T
         log_pt = F.log_softmax(z_t / tau, -1)
-        kl = forward_kl(log_ps, log_pt, beta).sum() / N               # always the forward KL, for the logs
         div = DIVERGENCES[kind](log_ps, log_pt, beta).sum() / N
+        kl = div if kind == "forward_kl" else forward_kl(log_ps, log_pt, beta).sum() / N  # for the logs
         top1 = (z_s.argmax(-1) == z_t.argmax(-1)).sum() / N
     elif sparse is not None:  # a sampled teacher (cache.py): the unbiased estimate CE(t_hat, p_s) - H(p_t)
         t_hat, ids = sparse["t_hat"][mask], sparse["ids"][mask]
@@ -219,7 +219,7 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     elif dense:
         kl, div, g, c = _autograd(DIVERGENCES[o.kind], uv, o.beta, need_grad)
         bound = None
-    # CE at temperature 1, q = softmax(z_s) = p_s^tau / S with S = sum p_s^tau: log-sum-exp(z_s) = tau lse_u + log S
+    # CE at temperature 1: q = softmax(z_s) = p_s^tau / S, S = sum p_s^tau, so logsumexp(z_s) = tau lse_u + log S
     if tau == 1:
         q, S = p_s, torch.ones_like(u_max)
     else:
@@ -249,17 +249,21 @@ class _FusedLoss(torch.autograd.Function):
         hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
-        idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync (n sizes chunks)
+        idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync
         need_grad, half = o.need_h or o.need_w, o.head_dtype != torch.float32
-        # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32
+        # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the sums are float32.
+        # A CPU has no half product with a float32 result: there the operands are rounded to the half dtype and
+        # multiplied in float32, what a GPU's tensor cores compute (a half result could overflow)
+        emulate = half and not hs.is_cuda
         ws = w_s[:o.vocab].to(o.head_dtype) if half or need_grad else w_s[:o.vocab]
+        ws = ws.float() if emulate else ws
         wt = w_t[:o.vocab] if w_t is not None else None            # [vocab, D_t] in its own dtype, no grad
         n, dev, f32 = idx.numel(), hs.device, torch.float32
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if o.need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if o.need_w else None  # padding rows stay 0
         sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
         s = 1 / o.tau if ht is not None or sparse is not None else 1.0
-        # [C, vocab] buffers, allocated once per call (a fresh one per chunk costs page faults): u and v, p_s, scratch
+        # [C, vocab] buffers, once per call (a fresh one per chunk costs page faults): u and v, p_s, scratch
         C = min(o.chunk_size, n)
         n_free = 1 if ht is None else ANALYTIC.get(o.kind, (None, 1))[1]
         uv = torch.empty(1 + (ht is not None), C, o.vocab, dtype=f32, device=dev)
@@ -269,7 +273,8 @@ class _FusedLoss(torch.autograd.Function):
             ix = idx[i:i + o.chunk_size]
             c = len(ix)
             h_c, y_c, uv_c = hs[ix], y[ix, None], uv[:, :c]        # [c, D_s], [c, 1], [2, c, vocab]
-            head(h_c * s if s != 1 else h_c, ws, uv_c[0])          # u = z_s * s
+            h_u = h_c * s if s != 1 else h_c
+            head(h_u.to(o.head_dtype).float() if emulate else h_u, ws, uv_c[0])  # u = z_s * s
             if ht is not None:
                 head(ht[ix] / o.tau, wt, uv_c[1])                  # v = z_t / tau
             sp = None if sparse is None else [t[ix] for t in sparse]
@@ -286,9 +291,11 @@ class _FusedLoss(torch.autograd.Function):
                     g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
                 G = torch.mul(G, scale / row, out=g16[:c])
                 w_b, h_b, out_scale, alpha_w = ws, h_c.to(o.head_dtype), factor / scale, factor / scale
+                if emulate:
+                    G, h_b = G.float(), h_b.float()
             else:  # float32 (or float16 without a bound on G: these two products stay float32)
                 if half and ws_f is None:
-                    ws_f = ws.float()
+                    ws_f = w_s[:o.vocab].float()
                 w_b, out_scale = ws_f if half else ws, factor / row  # the rows' 1 / S on the [c, D] side
                 h_b, alpha_w = h_c.float() * out_scale, 1.0
             if o.need_h:

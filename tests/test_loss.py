@@ -288,3 +288,12 @@ def test_head_in_the_autocast_dtype(dtype):
             got = fused(*inputs, kind=kind, chunk_size=8)
         assert abs(got[0] - ref[0]) <= 4 * eps * ref[0]
         assert F.cosine_similarity(got[3].flatten(), ref[3].flatten(), 0) > 1 - 4 * eps
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_top1_with_a_teacher_near_the_student(kind):
+    """Random teachers never agree with the student (top1 = 0 above): a teacher close to the student does."""
+    h_s, w_s, _, _, y = make_inputs(17)
+    h_t = h_s + 0.3 * torch.randn(h_s.shape, generator=torch.Generator().manual_seed(0))
+    s, _ = check_against_reference([h_s, w_s, h_t, w_s.clone(), y], kind=kind, chunk_size=8)
+    assert 0.5 < s["top1"] < 1
