@@ -38,7 +38,7 @@ import prune
 from configurator import (DEVICE, at_least, between, check, check_device, check_torch,
                           check_writable, configure, die, one_line_interrupts, one_of, progress)
 from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoint,
-                resolve_pretrained)
+                resolve_pretrained, resume_log)
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
 from prepare import read_meta
@@ -253,32 +253,17 @@ my_val_windows = val_windows[rank::world_size]
 # -----------------------------------------------------------------------------
 # resume: the checkpoint is read and compared with these settings and data before the teacher loads
 
-ckpt = None
+ckpt, log_rows = None, []
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         die(f"no {ckpt_path} to resume from; start with --init_from=scratch")
-    try:
+    try:  # and log.jsonl's rows up to the checkpoint: the later iterations run again
         ckpt = load_checkpoint(ckpt_path)
         report = compare_resume(ckpt, config, meta, world_size)
+        log_rows = resume_log(log_path, ckpt["iter_num"])
     except ValueError as e:
         die(str(e))
     print0(f"resuming {ckpt_path} at iter {ckpt['iter_num']}", *report, sep="\n")
-
-log_rows = []  # on resume, log.jsonl's rows up to the checkpoint; the later iterations run again
-if ckpt is not None and os.path.exists(log_path):
-    with open(log_path) as f:
-        lines = [line for line in f if line.strip()]
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-            assert isinstance(row, dict) and isinstance(row.get("iter"), int)
-        except (ValueError, AssertionError):
-            if i == len(lines) - 1 and line.startswith("{") and not line.endswith("\n"):
-                break  # the last row's write cut short: its iteration runs again
-            die(f"{log_path} is damaged at line {i + 1}: restore it, or delete it (the log then starts at "
-                f"iter {ckpt['iter_num']})")
-        if row["iter"] < ckpt["iter_num"] or (row["iter"] == ckpt["iter_num"] and "val_ce" in row):
-            log_rows.append(row)
 
 # -----------------------------------------------------------------------------
 # the teacher: online (model.py, frozen) or its sampled cache (cache.py). teacher_side() gives the
@@ -608,9 +593,9 @@ def request_stop(signum, frame):
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
-# a second Ctrl-C aborts with one line, which says how to go on from the last checkpoint (if there is one yet)
-one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume" if os.path.exists(ckpt_path)
-                    else "rerun the same command")
+# a second Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
+one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume"
+                    if os.path.exists(ckpt_path) else "rerun the same command")
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 

@@ -291,6 +291,28 @@ def load_checkpoint(path):
     return ckpt
 
 
+def resume_log(path, iter_num):
+    """log.jsonl's rows of the iterations before iter_num (and its eval row), which a resume keeps: the later
+    ones run again. A last row cut short is dropped; any other damage is a one-line ValueError."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            assert isinstance(row, dict) and isinstance(row.get("iter"), int)
+        except (ValueError, AssertionError):
+            if i == len(lines) - 1 and line.startswith("{") and not line.endswith("\n"):
+                break  # the last row's write cut short: its iteration runs again
+            raise ValueError(f"{path} is damaged at line {i + 1}: restore it, or delete it (the log then "
+                             f"starts at iter {iter_num})") from None
+        if row["iter"] < iter_num or (row["iter"] == iter_num and "val_ce" in row):
+            rows.append(row)
+    return rows
+
+
 SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")  # a resume keeps the checkpoint's
 ORDER = ("batch_size", "block_size", "gradient_accumulation_steps", "data_dir", "seed")  # they set the batches
 

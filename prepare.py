@@ -248,15 +248,22 @@ def read_meta(data_dir):
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise ValueError(f"{meta_path} is damaged or not prepare.py's ({type(e).__name__}: {e}); rerun "
                          f"prepare.py") from None
-    for split in ("train", "val"):  # whole tokens, and ids the tokenizer has (a wrong meta.json, a cut copy)
+    for split in ("train", "val"):  # whole tokens, as many as meta.json says, ids the tokenizer has, not zeroed
         path = os.path.join(data_dir, f"{split}.bin")
         size = os.path.getsize(path)
         if size % dtype.itemsize:
             raise ValueError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens: damaged; "
                              f"rerun prepare.py")
-        if size and (top := int(np.memmap(path, dtype=dtype, mode="r").max())) >= vocab_size:
+        n = size // dtype.itemsize
+        if f"{split}_tokens" in meta and n != meta[f"{split}_tokens"]:
+            raise ValueError(f"{path} holds {n:,} tokens, but meta.json says {meta[f'{split}_tokens']:,}: cut "
+                             f"short, or not of the same prepare.py run; rerun prepare.py")
+        tokens = np.memmap(path, dtype=dtype, mode="r") if size else None
+        if tokens is not None and (top := int(tokens.max())) >= vocab_size:
             raise ValueError(f"{path} holds token id {top}, but meta.json's tokenizer has {vocab_size} ids: the "
                              f"bins and meta.json are not of one prepare.py run; rerun prepare.py")
+        if tokens is not None and n > 1 and int(tokens.min()) == top:  # text is never one id repeated
+            raise ValueError(f"{path} holds nothing but token id {top}: damaged (zeroed?); rerun prepare.py")
     return meta, dtype
 
 # -----------------------------------------------------------------------------
