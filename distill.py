@@ -641,7 +641,7 @@ while True:
         scaler.scale(loss).backward()
         stats["loss"] += loss.detach()
         stats["ce"] += s["ce"]
-        stats["kl"] += s.get("kl", 0.0)
+        stats["kl"] += s["kl"]
     data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
     batches = step_batches(data_pos)  # the next step's, read while the GPU still works on this one
     scaler.unscale_(optimizer)
