@@ -9,6 +9,7 @@ Speed and memory, side by side with a reference in the same run; the README show
     python bench.py step       # a whole distillation step vs the same step written with transformers
     python bench.py cache      # a step from the teacher cache vs the online step
     python bench.py gpu        # CUDA only: config/t4.py through distill.py for 20 steps, then the largest batch
+    python bench.py spec       # speculative decoding (the student drafting) vs the teacher generating alone
 
 Timings interleave the two sides and report medians; memory sections run each side in its own process. gpu has
 no reference side: it reports what the T4 run would take (tokens/s, MFU, peak memory) on the GPU at hand.
@@ -897,7 +898,10 @@ NEEDS = {"model": "~3 min; RAM not measured (two 123M students in one process)",
          "loss": "~5 min; ~19 GB of free RAM (the full-logits reference)",
          "step": "~10 min; ~11 GB of RAM (both sides in one process)",
          "cache": "~3 min; ~5 GB of RAM",
-         "gpu": "a CUDA GPU, up to --limit_gb=14 GB of it; time not measured here"}
+         "bytes": "~1 min; ~2.7 GB of RAM",
+         "precision": "~4 min; ~4.5 GB of RAM",
+         "gpu": "a CUDA GPU, up to --limit_gb=14 GB of it; time not measured here",
+         "spec": "~2 min; ~3 GB of RAM (Qwen2.5-0.5B's and student-123m's shapes, random weights)"}
 
 
 def sections_table():
