@@ -1,11 +1,11 @@
 """
-The Qwen2 architecture in one file, for the teacher (Qwen2.5-0.5B) and the student alike; Qwen3 teachers too.
+The Qwen2 architecture in one file, for teacher (Qwen2.5-0.5B) and student; Qwen3 teachers too.
 
 - ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2/Qwen3 config.json.
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
   model(idx) gives the final hidden states; model.lm_head(h) the logits.
-- from_pretrained / save_pretrained: Hugging Face Qwen2/Qwen3 checkpoints (hf.py does the file work).
-- generate / stream: sampling with a KV cache; speculative decoding with a draft model (the student).
+- from_pretrained / save_pretrained: Hugging Face Qwen2/Qwen3 checkpoints (hf.py handles the files).
+- generate / stream: sampling with a KV cache; speculative decoding with a draft (the student).
 
 The distillation loss, which applies the heads itself a chunk of tokens at a time, is loss.py.
 
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 151936  # embedding rows; Qwen's tokenizer uses 151,665 of them, the rest is padding
+    vocab_size: int = 151936  # embedding rows; Qwen's tokenizer uses 151,665, the rest are padding
     n_layer: int = 12
     n_head: int = 8
-    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share each K/V head
+    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads per K/V head
     n_embd: int = 512
     head_dim: int = 64
     intermediate_size: int = 2048  # SwiGLU hidden width
@@ -34,7 +34,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     max_seq_len: int = 512
     # what sets Qwen3 apart from Qwen2 (the defaults), read from config.json by config_from_hf
-    qkv_bias: bool = True  # Qwen2 always biases q/k/v; Qwen3 biases q/k/v/o only with attention_bias
+    qkv_bias: bool = True  # Qwen2 always biases q/k/v; Qwen3 q/k/v/o only with attention_bias
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim of each head's q and k, before RoPE
     model_type: str = "qwen2"  # what save_pretrained writes: "qwen2" or "qwen3"
@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, theta, max_seq_len, device=None):
-    # cos/sin of the rotation angles, float32, shape (max_seq_len, head_dim), in the rotate-half layout
+    # cos/sin of the rotation angles, float32, (max_seq_len, head_dim), in the rotate-half layout
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
@@ -75,16 +75,17 @@ def rope_tables(head_dim, theta, max_seq_len, device=None):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, nh, T, hs); cos, sin: (T, hs). Computed in float32 (fp16 angles lose precision), cast back.
+    # x: (B, nh, T, hs); cos, sin: (T, hs). In float32 (fp16 angles lose precision), cast back.
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-# SDPA's enable_gqa (torch >= 2.5) reaches a fused kernel only through flash attention: fp16/bf16 on sm80+. The
-# memory-efficient kernel (what a T4 or fp32 gets) rejects unequal head counts and SDPA silently falls back to the
-# math kernel, which materializes (T, T) scores: there K/V are expanded instead. Decided outside forward (each check
-# inside would break torch.compile's graph): here, and per device in Transformer._apply.
+# SDPA's enable_gqa (torch >= 2.5) reaches a fused kernel only through flash attention: fp16/bf16 on
+# sm80+. The memory-efficient kernel (what a T4 or fp32 gets) rejects unequal head counts and SDPA
+# silently falls back to the math kernel, which materializes (T, T) scores: there K/V are expanded
+# instead. Decided outside forward (each check inside would break torch.compile's graph): here, and
+# per device in Transformer._apply.
 SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
@@ -96,28 +97,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.o_bias)
-        # Qwen3: one (head_dim,) weight each, shared by all heads; Identity (no parameters) otherwise
+        # Qwen3: one (head_dim,) weight each, shared by all heads; else Identity (no parameters)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.flash_gqa = False  # True on an sm80+ GPU: set by Transformer.init_rope
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        # q: (B, nh, T, hs); k, v: (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, nkv, pos + T, hs)
-        # A prefill from position 0 is causal; one new token attends to everything cached; several after cached ones
-        # (speculative decoding) need a lower-right causal mask: is_causal is top-left, wrong with more keys.
+        # A prefill from position 0 is causal; one new token attends to everything cached; several
+        # after cached ones (speculative decoding) need a lower-right causal mask: is_causal is
+        # top-left, wrong with more keys.
         S = k.size(2)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if 1 < T < S else None
+        mask = q.new_ones(T, S, dtype=torch.bool).tril(S - T) if 1 < T < S else None
         causal = T > 1 and mask is None
         if self.n_kv_head == self.n_head:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         elif self.flash_gqa and q.dtype in (torch.float16, torch.bfloat16):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=True)
         else:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -145,14 +149,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
-        dt = self.input_layernorm.weight.dtype  # x may be float32 over float16 weights (Transformer.fp32_residual)
+        dt = self.input_layernorm.weight.dtype  # x is float32 over float16 weights if fp32_residual
         x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x).to(dt))
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim), filled at pos. Setting
-    pos back forgets the tokens after it (a rejected draft): the next update overwrites them."""
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim), filled at
+    pos. Setting pos back forgets the tokens after it (a rejected draft): updates overwrite them."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -183,8 +187,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # float16 weights with a float32 residual stream: each block computes in float16, the residual adds and the
-        # norms in float32. Qwen2 models overflow float16 in their residual stream (reported from 1.5B up).
+        # float16 weights with a float32 residual stream: each block computes in float16, the
+        # residual adds and the norms in float32. Qwen2 models overflow float16 in their residual
+        # stream (reported from 1.5B up).
         self.fp32_residual = False
         self.init_rope()
         if self.embed_tokens.weight.device.type != "meta":
@@ -193,28 +198,29 @@ class Transformer(nn.Module):
             print(f"Transformer: {self.num_params():,} parameters")
 
     def init_rope(self, device=None):
-        # what depends on the device, set again whenever the model lands on one: the RoPE tables (non-persistent
-        # buffers, never saved) and whether GQA attention can take flash attention there
+        # what depends on the device, set again whenever the model lands on one: the RoPE tables
+        # (non-persistent buffers, never saved) and whether GQA can take flash attention there
         device = torch.device(device or self.embed_tokens.weight.device)
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        flash = SDPA_GQA and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        on_cuda = device.type == "cuda"
+        flash = SDPA_GQA and on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
         for block in self.layers:
             block.self_attn.flash_gqa = flash
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.init_rope(self.rope_cos.device)  # .half()/.to(dtype) cast every floating buffer: RoPE stays float32
+        self.init_rope(self.rope_cos.device)  # .half()/.to(dtype) cast RoPE too: back to float32
         return self
 
     @torch.no_grad()
     def init_weights(self):
         # For training from scratch: N(0, 0.02) for every matrix and the embedding (GPT-2 / Qwen2's
-        # initializer_range), zero biases, ones for the norms. The two projections that write into the
-        # residual stream (o_proj, down_proj) get 0.02 / sqrt(2 * n_layer), as in GPT-2, so the residual's
-        # variance does not grow with depth.
+        # initializer_range), zero biases, ones for the norms. The two projections that write into
+        # the residual stream (o_proj, down_proj) get 0.02 / sqrt(2 * n_layer), as in GPT-2, so the
+        # residual's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
@@ -229,22 +235,24 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
     def flops_per_token(self, seq_len, backward=True):
-        """Matmul FLOPs per token as (body, head): 2 per weight forward, 4 more backward, plus attention's scores and
-        weighted sum; the embedding lookup none. Two parts because distill_loss runs the heads in float32 (a
-        teacher's in its own dtype), whatever the body's compute dtype."""
+        """Matmul FLOPs per token as (body, head): 2 per weight forward, 4 more backward, plus
+        attention's scores and weighted sum, none for the embedding lookup. Two parts: distill_loss
+        runs the heads in float32 (a teacher's in its own dtype), whatever the body's dtype."""
         cfg, k = self.config, (6 if backward else 2)
         attention = 2 * k * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-        return k * sum(p.numel() for p in self.layers.parameters()) + attention, k * cfg.vocab_size * cfg.n_embd
+        body = k * sum(p.numel() for p in self.layers.parameters()) + attention
+        return body, k * cfg.vocab_size * cfg.n_embd
 
     def forward(self, idx, cache=None):
-        """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied by
-        whoever needs logits: self.lm_head(h) for all of them, distill_loss a chunk of tokens at a time,
-        generation at the last position only. Non-finite activations anywhere reach these hidden
-        states, so torch.isfinite(h).all() is the cheap check (fp16 overflow)."""
+        """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied
+        by whoever needs logits: self.lm_head(h) for all of them, distill_loss a chunk of tokens at
+        a time, generation at the last position only. Non-finite activations anywhere reach these
+        hidden states, so torch.isfinite(h).all() is the cheap check (fp16 overflow)."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(f"sequence of {pos + T} tokens exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         if self.fp32_residual:
@@ -257,20 +265,24 @@ class Transformer(nn.Module):
     # generation
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, draft=None,
-               draft_len=4, stats=None):
-        """Yields the next token of every row, (B,), with a KV cache; stops at max_seq_len (silently: sample.py says
-        so). With a draft model (same vocabulary, batch size 1), speculative decoding: exactly this model's tokens
-        (temperature 0) or distribution; a stats dict, if given, counts drafted, accepted and this model's calls."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+               draft=None, draft_len=4, stats=None):
+        """Yields the next token of every row, (B,), with a KV cache; stops at max_seq_len
+        (silently: sample.py says so). With a draft model (same vocabulary, batch size 1),
+        speculative decoding: exactly this model's tokens (temperature 0) or distribution; a stats
+        dict, if given, counts drafted, accepted and this model's calls."""
         B, T = idx.shape
         room = self.config.max_seq_len - T
         if room <= 0:
-            raise ValueError(f"the prompt ({T} tokens) leaves no room below max_seq_len={self.config.max_seq_len}")
+            raise ValueError(f"the prompt ({T} tokens) leaves no room below "
+                             f"max_seq_len={self.config.max_seq_len}")
         max_new_tokens = min(max_new_tokens, room)
         if draft is not None:
-            return (yield from self._speculate(idx, max_new_tokens, (temperature, top_k, top_p), eos_id, draft,
+            sampling = (temperature, top_k, top_p)
+            return (yield from self._speculate(idx, max_new_tokens, sampling, eos_id, draft,
                                                draft_len, {} if stats is None else stats))
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.embed_tokens.weight.dtype)
+        dtype = self.embed_tokens.weight.dtype
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -283,46 +295,54 @@ class Transformer(nn.Module):
             if cache.pos < cache.k.size(3):
                 h = self(nxt[:, None], cache)[:, -1]
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, draft=None,
-                 draft_len=4, stats=None):
-        """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops early once every row emitted eos_id."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, draft, draft_len, stats))
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 draft=None, draft_len=4, stats=None):
+        """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops once all rows hit eos_id."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, draft,
+                               draft_len, stats))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
-    def logits(self, h):  # float32 logits of hidden states (h is float32 over float16 weights with fp32_residual)
+    def logits(self, h):  # float32 logits of h (float32 over float16 weights with fp32_residual)
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
 
     def _speculate(self, idx, max_new_tokens, sampling, eos_id, draft, gamma, stats):
-        # Leviathan et al. (2023), p this model's distribution, q the draft's (Chen et al. swap the letters). A round:
-        # the draft proposes g tokens one by one; this model scores the last token and the g in one call; a prefix is
-        # kept, plus one token of its own, and both caches roll back to it. At a round's start this model's cache
-        # holds all of ctx but its last token, the draft's all but the last one or two.
+        # Leviathan et al. (2023), p this model's distribution, q the draft's (Chen et al. swap the
+        # letters). A round: the draft proposes g tokens one by one; this model scores the last
+        # token and the g in one call; a prefix is kept, plus one token of its own, and both caches
+        # roll back to it. At a round's start this model's cache holds all of ctx but its last
+        # token, the draft's all but the last one or two.
         if idx.size(0) != 1:
-            raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), got {idx.size(0)}")
+            raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), "
+                             f"got {idx.size(0)}")
         if draft.config.vocab_size != self.config.vocab_size:
-            raise ValueError(f"the draft's vocabulary has {draft.config.vocab_size} rows, not {self.config.vocab_size}")
+            raise ValueError(f"the draft's vocabulary has {draft.config.vocab_size} rows, "
+                             f"not {self.config.vocab_size}")
         T, end, dev = idx.size(1), idx.size(1) + max_new_tokens, idx.device
         cache = KVCache(self.config, 1, end, dev, self.embed_tokens.weight.dtype)
-        dcache = KVCache(draft.config, 1, min(end, draft.config.max_seq_len), dev, draft.embed_tokens.weight.dtype)
+        draft_end = min(end, draft.config.max_seq_len)
+        dcache = KVCache(draft.config, 1, draft_end, dev, draft.embed_tokens.weight.dtype)
         if T > 1:
             self(idx[:, :-1], cache)
-            if T <= draft.config.max_seq_len:  # else g is 0 throughout: the prompt outruns the draft's context
+            if T <= draft.config.max_seq_len:  # else g stays 0: the prompt outruns the draft
                 draft(idx[:, :-1], dcache)
         ctx = idx
         while ctx.size(1) < end:
             L = ctx.size(1)
-            g = max(0, min(gamma, end - L - 1, draft.config.max_seq_len - L + 1))  # near the ends: fewer, or none
+            draft_room = draft.config.max_seq_len - L + 1
+            g = max(0, min(gamma, end - L - 1, draft_room))  # near the ends: fewer, or none
             x, drafted, q = ctx[:, dcache.pos:], [], []
             for _ in range(g):
                 q.append(filtered_probs(draft.logits(draft(x, dcache)[:, -1]), *sampling))  # (1, V)
                 x = torch.multinomial(q[-1], 1)  # (1, 1); temperature 0: q is one-hot, x its argmax
                 drafted.append(x)
             drafted = torch.cat([ctx[:, :0]] + drafted, dim=1)  # (1, g)
-            p = filtered_probs(self.logits(self(torch.cat([ctx[:, -1:], drafted], 1), cache)), *sampling)
+            h = self(torch.cat([ctx[:, -1:], drafted], 1), cache)  # the last token and the g drafts
+            p = filtered_probs(self.logits(h), *sampling)
             n, nxt = speculative_accept(p, torch.stack(q, 1) if g else p[:, :0], drafted)
             n = n.item()
             cache.pos, dcache.pos = L + n, min(dcache.pos, L + n)  # the rollback
-            stats.update({k: stats.get(k, 0) + v for k, v in (("drafted", g), ("accepted", n), ("calls", 1))})
+            counts = (("drafted", g), ("accepted", n), ("calls", 1))
+            stats.update({k: stats.get(k, 0) + v for k, v in counts})
             new = torch.cat([drafted[:, :n], nxt[:, None]], dim=1)
             for tok in new[0]:
                 yield tok[None]
@@ -334,9 +354,11 @@ class Transformer(nn.Module):
     # Hugging Face checkpoints (hf.py reads and writes the files)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True, max_seq_len=None):
-        """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B". max_seq_len, the
-        longest sequence it will run, caps max_position_embeddings (smaller RoPE tables, fewer refusals)."""
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True,
+                        max_seq_len=None):
+        """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B".
+        max_seq_len, the longest sequence it will run, caps max_position_embeddings (smaller RoPE
+        tables, fewer refusals)."""
         from hf import read_pretrained
 
         config, sd, path = read_pretrained(path, dtype, device, max_seq_len)
@@ -347,14 +369,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config, sd, device="cpu", where="state dict"):
-        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode. Built on
-        the meta device and assigned the tensors, so the weights exist once in memory."""
+        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode.
+        Built on the meta device and assigned the tensors, so the weights exist once in memory."""
         with torch.device("meta"):
             model = cls(config, verbose=False)
         expected = set(model.state_dict())
         if config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # a tied export may carry a copy
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # drop a tied export's copy
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
             raise ValueError(f"{where}: the weights do not match a model of its config: "
@@ -367,8 +389,8 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save_pretrained(self, out_dir, tokenizer_dir=None):
-        """config.json and model.safetensors that transformers' AutoModelForCausalLM loads, plus the tokenizer's
-        files when tokenizer_dir is given."""
+        """config.json and model.safetensors that transformers' AutoModelForCausalLM loads, plus the
+        tokenizer's files when tokenizer_dir is given."""
         from hf import write_pretrained
 
         write_pretrained(out_dir, self.config, self.state_dict(), tokenizer_dir)
@@ -380,7 +402,7 @@ class Transformer(nn.Module):
 
 
 def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (..., V) float32 -> what sample_next draws from (..., V); temperature 0: the argmax, one-hot."""
+    """logits (..., V) float32 -> what sample_next draws from; temperature 0: a one-hot argmax."""
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits / temperature
@@ -388,7 +410,7 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
+        # nucleus: the smallest set of most likely tokens whose mass reaches top_p (at least one)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p
@@ -404,18 +426,20 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def speculative_accept(p, q, drafted):
-    """Speculative decoding's rule for N rows at once: p (N, g + 1, V) the target's distributions, q (N, g, V) the
-    draft's, which drew drafted (N, g). -> (n, nxt), (N,) each: keep n drafts, then emit nxt. A draft x passes with
-    probability min(1, p(x) / q(x)); at the first rejection nxt is drawn from max(0, p - q) renormalized, after g
-    passes from p[g] (the bonus). Every emitted token then follows p exactly."""
+    """Speculative decoding's rule for N rows at once: p (N, g + 1, V) the target's distributions,
+    q (N, g, V) the draft's, which drew drafted (N, g). -> (n, nxt), (N,) each: keep n drafts, then
+    emit nxt. A draft x passes with probability min(1, p(x) / q(x)); at the first rejection nxt is
+    drawn from max(0, p - q) renormalized, after g passes from p[g] (the bonus). Every emitted token
+    then follows p exactly."""
     N, g = drafted.shape
-    px, qx = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :g], q))  # p(x), q(x) of each draft
+    px, qx = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :g], q))  # p(x), q(x): (N, g)
     ok = torch.rand_like(qx) * qx < px  # u < p / q without dividing; never when p(x) = 0
     n = ok.int().cumprod(dim=-1).sum(dim=-1)  # the accepted prefix
     rows = torch.arange(N, device=p.device)
-    pn, qn = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]  # q is 0 at the bonus position: the residual is p there
+    pn, qn = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]  # q is 0 at the bonus: the residual is p
     residual = (pn - qn).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pn)  # p = q up to rounding: p itself
+    has_mass = residual.sum(-1, keepdim=True) > 0
+    residual = torch.where(has_mass, residual, pn)  # p = q up to rounding: p itself
     return n, torch.multinomial(residual, 1)[:, 0]
 
 
@@ -423,8 +447,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def auto_dtype(device):
-    """float32 on CPU; on CUDA bfloat16 from sm80 (Ampere) on, float16 before: a T4 (sm75) reports bfloat16 as
-    supported, but emulates it, and its fused attention kernels do not take it."""
+    """float32 on CPU; on CUDA bfloat16 from sm80 (Ampere) on, float16 before: a T4 (sm75) reports
+    bfloat16 as supported, but emulates it, and its fused attention kernels do not take it."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
