@@ -295,10 +295,6 @@ def load_teacher():
                                             verbose=master, max_seq_len=block_size)
     except (OSError, ValueError) as e:
         die(f"cannot load the teacher: {e}".splitlines()[0])
-    except RuntimeError as e:  # load_state_dict: the names of config.json's model, other shapes (another model's)
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), type(e).__name__)
-        die(f"cannot load the teacher: the weights in {teacher} do not have the shapes of its config.json "
-            f"({first}); is model.safetensors another model's?")
     model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
     model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
     if model.config.vocab_size < vocab_size:

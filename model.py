@@ -382,6 +382,10 @@ class Transformer(nn.Module):
             raise ValueError(f"{where}: the weights do not match a model of its config: "
                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if wrong := next((k for k in sd if tuple(sd[k].shape) != shapes[k]), None):
+            raise ValueError(f"{where}: {wrong} is {tuple(sd[wrong].shape)}, its config says "
+                             f"{shapes[wrong]}: another model's weights?")
         model.load_state_dict(sd, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
