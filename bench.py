@@ -879,7 +879,6 @@ def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
             predicted = (g + 1 if a else 1) / (g * c + 1)
             rows.append(["", f"speculative, {what}", f"{per_call:.2f}", f"{new_tokens / t[key]:.1f}",
                          f"{t['teacher'] / t[key]:.2f}x", f"{predicted:.2f}x"])
-        del teacher, draft
     table(["shapes", "generation", "tokens per teacher call", "tokens/s", "vs teacher alone",
            "predicted (1 - a^(g+1)) / ((1 - a)(g c + 1))"], rows)
 
