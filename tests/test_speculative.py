@@ -1,7 +1,6 @@
 """Speculative decoding: the accept/reject rule keeps the target's distribution, the generator is exact, the KV
 cache extends by several tokens and rolls back, transformers takes our student as an assistant, sample.py --draft."""
 
-
 import pytest
 import torch
 
