@@ -193,6 +193,21 @@ def test_the_command(bpe, tmp_path):
     assert load(tmp_path / "OUT")[0]["text_bytes"] == sum(len(d.encode()) for d in DOCS[:40])
     assert sorted(os.listdir(tmp_path / "OUT")) == ["meta.json", "train.bin", "val.bin"]
 
+def open_pipe(p, path):
+    """The write end of a fifo that process p reads, as a blocking fd. A plain open() would hang if p died
+    before opening it: poll with O_NONBLOCK until it has, for at most 60 s."""
+    deadline = time.time() + 60
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    return fd
+
+
 def test_a_killed_run(bpe, tmp_path):
     # the input is a pipe we hold open, so the run is stopped mid-write, deterministically
     out = tmp_path / "out"
@@ -203,14 +218,7 @@ def test_a_killed_run(bpe, tmp_path):
                           f"--tokenizer={bpe[0]}", "--out_dir=out", "--force"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while True:  # a plain open() would hang if the run died before opening the pipe
-        try:
-            fd = os.open(tmp_path / "pipe.jsonl", os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert p.poll() is None and time.time() < deadline, p.communicate()
-            time.sleep(0.05)
-    os.set_blocking(fd, True)
+    fd = open_pipe(p, tmp_path / "pipe.jsonl")
     with os.fdopen(fd, "w") as f:
         f.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
         f.flush()
@@ -299,14 +307,7 @@ def start_on_a_pipe(tmp_path, tok_dir, out, docs):
                           f"--tokenizer={tok_dir}", f"--out_dir={out}", "--force", "--batch_size=8"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while True:
-        try:
-            fd = os.open(tmp_path / "pipe.jsonl", os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert p.poll() is None and time.time() < deadline, p.communicate()
-            time.sleep(0.05)
-    os.set_blocking(fd, True)
+    fd = open_pipe(p, tmp_path / "pipe.jsonl")
     f = os.fdopen(fd, "w")
     f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
     f.flush()
