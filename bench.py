@@ -350,9 +350,43 @@ def loss_bytes(loss_file=None, tokens=256, V=151_936, vocab=151_665, D_s=512, D_
         top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:6]
         rows.append(dict(mode=name, per_token=counter.bytes / tokens,
                          top=", ".join(f"{k} {v / tokens / (vocab * 4):.1f}" for k, v in top)))
+    if hasattr(lib, "_terms"):  # compile=True: the bytes of the kernels inductor generates for the chunk
+        rows += compiled_rows(lib, modes, step, tokens, chunk_size)
+        modes += [(r["mode"], r["kw"]) for r in rows if "kw" in r]
     times = interleaved({name: lambda kw=kw: step(kw) for name, kw in modes}, repeats)
     for r in rows:
         r["time"] = times[r["mode"]] / tokens
+    return rows
+
+
+def compiled_rows(lib, modes, step, tokens, chunk_size):
+    """The modes with compile=True (the analytic ones). Their traffic is inductor's own estimate for the kernels
+    it generated (compile_fx's graph metrics: each kernel's distinct buffers, read or written once), per chunk,
+    as dispatch modes do not see inside a compiled graph. A mode whose compile fails is left out, with the
+    warning."""
+    import logging
+
+    import torch._inductor.metrics as metrics
+
+    assert tokens % chunk_size == 0, "equal chunks: one graph per mode"
+    log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")  # its count runs at INFO
+    level, rows = log.level, []
+    torch._dynamo.reset()
+    lib._compiled.clear()
+    log.setLevel(logging.INFO)
+    try:
+        for name, kw in modes:
+            if kw.get("kind", "forward_kl") not in lib.ANALYTIC:
+                continue
+            kw = dict(kw, compile=True)
+            metrics.reset()
+            step(kw)  # compiles this mode's chunk (one graph: the chunks are equal)
+            if lib._compiled.get("terms") is None:
+                break
+            rows.append(dict(mode=name + ", compiled", per_token=metrics.num_bytes_accessed / chunk_size,
+                             top="inductor's estimate", kw=kw))
+    finally:
+        log.setLevel(level)
     return rows
 
 
@@ -589,7 +623,7 @@ def gpu_parts(teacher, device, dtype, compiled, batch_size, block_size, chunk_si
     """One process: config/t4.py's step (float16 teacher, the student in `dtype` under autocast, distill_loss at
     chunk_size) timed part by part with CUDA events, medians over `steps` after 3 warm-up steps; then the loss's
     three student-head products alone, at the same shapes and dtype, and the loss with the elementwise work alone
-    (the products subtracted). compiled: torch.compile the two bodies (the loss stays eager)."""
+    (the products subtracted). compiled: torch.compile the two bodies and the loss's chunk (compile=True)."""
     from loss import distill_loss, head
     from model import CONFIGS, DTYPES, Transformer
 
@@ -617,7 +651,8 @@ def gpu_parts(teacher, device, dtype, compiled, batch_size, block_size, chunk_si
         with autocast:
             h_s_leaf = h_s.detach().requires_grad_()  # the loss alone: its grad_h lands here
             loss, _ = distill_loss(h_s_leaf, s.lm_head.weight, h_t, t.lm_head.weight, y, alpha=ALPHA,
-                                   temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size)
+                                   temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=chunk_size,
+                                   compile=compiled)
             scaler.scale(loss).backward()
         clock.mark()
         h_s.backward(h_s_leaf.grad)
@@ -685,7 +720,7 @@ def bench_gpu_parts(teacher, device, batch_size, block_size, chunk_size, steps, 
             print(f"- {what}: done", flush=True)
     print(f"\nper part, ms a step (medians of {steps} after 3 warm-ups), batch {batch_size} x {block_size}, "
           f"distill_loss chunk_size={chunk_size}; loss = (its head's 3 products alone + the rest: the elementwise "
-          f"work); compiled = the two bodies under torch.compile, the loss eager\n", flush=True)
+          f"work); compiled = the two bodies and the loss's chunk under torch.compile\n", flush=True)
     table(["student dtype", "teacher fwd", "student fwd", "loss (products + elementwise)", "student bwd",
            "optimizer", "step", "tokens/s", "peak GB"], rows)
 

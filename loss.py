@@ -6,6 +6,7 @@ the teacher's heads a chunk of tokens at a time, so that no [B, T, V] logits eve
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,7 @@ class Options:
     need_h: bool          # gradients wanted for h_s / w_s
     need_w: bool
     head_dtype: torch.dtype = torch.float32  # the student's head products (autocast's dtype, else float32)
+    compiled: bool = False  # the chunk's elementwise work through torch.compile (_terms)
 
 
 def _chunk(uv, y, p_buf, free, o, sparse):
@@ -240,6 +242,76 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     return sums, (q, S, 1 - o.alpha, bound)
 
 
+def _terms(u, v, y, sparse, o, scale, g_dtype):
+    """What _chunk computes, written as plain tensor expressions for torch.compile, which fuses them into a few
+    kernels (each [C, V] operand read about once: `python bench.py bytes`). u, v [C, V] as in _chunk (v None
+    without a dense teacher), y [C, 1], sparse the cache's [ids, t_hat, entropy, argmax] or None; the analytic
+    divergences only. Returns the sums [ce, kl, div, top1] and dL/dz_s of the chunk's unnormalized loss times
+    scale, in g_dtype (None without gradients)."""
+    dense, f32 = v is not None, torch.float32
+    tau = o.tau if dense or sparse is not None else 1.0
+    u_max = u.amax(-1, keepdim=True)
+    lse_u = torch.logsumexp(u, -1, keepdim=True)
+    log_ps = u - lse_u
+    p_s = log_ps.exp()
+    kl = div = top1 = g = u.new_zeros(())
+    if dense:
+        log_pt = torch.log_softmax(v, -1)
+        p_t = log_pt.exp()
+        top1 = (u.gather(1, v.argmax(-1, keepdim=True)) >= u_max).sum().to(f32)
+        kl = (p_t * (log_pt - log_ps)).sum(-1, keepdim=True)
+        div, g = kl, p_s - p_t
+        if o.kind == "reverse_kl":
+            r = log_ps - log_pt
+            div = (p_s * r).sum(-1, keepdim=True)
+            g = p_s * (r - div)
+        elif o.kind == "jsd":
+            log_m = torch.logaddexp(log_pt + math.log(o.beta), log_ps + math.log1p(-o.beta))
+            r = log_ps - log_m
+            kl_sm = (p_s * r).sum(-1, keepdim=True)
+            div = o.beta * (p_t * (log_pt - log_m)).sum(-1, keepdim=True) + (1 - o.beta) * kl_sm
+            g = (1 - o.beta) * p_s * (r - kl_sm)
+    elif sparse is not None:
+        ids, t_hat, entropy, argmax = sparse
+        kl = div = -(t_hat * (u.gather(1, ids) - lse_u)).sum(-1, keepdim=True) - entropy
+        top1 = (u.gather(1, argmax) >= u_max).sum().to(f32)
+        g = p_s.scatter_add(1, ids, -t_hat)
+    z = u * tau  # CE at temperature 1
+    lse_z = torch.logsumexp(z, -1, keepdim=True)
+    ce = lse_z - z.gather(1, y)
+    sums = torch.stack([ce.sum(), kl.sum(), div.sum(), top1])
+    if g_dtype is None:
+        return sums, None
+    G = (1 - o.alpha) * torch.exp(z - lse_z) + (o.alpha * o.tau) * g
+    G = G.scatter_add(1, y, torch.full(y.shape, o.alpha - 1, dtype=f32, device=u.device))
+    return sums, (G * scale).to(g_dtype)
+
+
+_compiled = {}  # "terms": torch.compile(_terms), made at the first call that asks; None once it failed
+
+
+def _run_terms(*args):
+    """_terms compiled, or None where compiling failed (no C++ compiler, no Triton for the GPU): a warning,
+    then the eager chunk from there on."""
+    if "terms" not in _compiled:
+        _compiled["terms"] = torch.compile(_terms, dynamic=False)
+    if _compiled["terms"] is None:
+        return None
+    try:
+        return _compiled["terms"](*args)
+    except Exception as e:  # noqa: BLE001 (torch.compile's failures have many types)
+        _compiled["terms"] = None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"distill_loss: torch.compile failed ({type(e).__name__}: {first}); the eager loss instead")
+        return None
+
+
+def _g_scale(dtype, bound):
+    """float16's factor for the gradient of the logits: a power of two, clear of its underflow with room below
+    its overflow (|G * scale| <= 32768); bfloat16 has float32's range."""
+    return 1.0 if dtype != torch.float16 else 2.0 ** math.floor(math.log2(32768 / bound))
+
+
 class _FusedLoss(torch.autograd.Function):
     """Forward computes the loss and, per chunk, grad_h_s and grad_w_s (float32); backward only scales them by
     grad_output / N. A second backward through the same graph is an error."""
@@ -267,8 +339,14 @@ class _FusedLoss(torch.autograd.Function):
         C = min(o.chunk_size, n)
         n_free = 1 if ht is None else ANALYTIC.get(o.kind, (None, 1))[1]
         uv = torch.empty(1 + (ht is not None), C, o.vocab, dtype=f32, device=dev)
-        bufs = torch.empty(1 + n_free, C, o.vocab, dtype=f32, device=dev).unbind()
-        g16 = ws_f = None
+        bufs = g16 = ws_f = None  # bufs: the eager chunk's, made when it first runs
+        # the compiled chunk: the analytic divergences, with its bound on |dL/dz_s| (float16's scale) up front
+        compiled = o.compiled and (ht is None or o.kind in ANALYTIC)
+        b = 1.0 if ht is None else ANALYTIC.get(o.kind, (None, None, None))[2]
+        t_bound = None if b is None else (1 - o.alpha) + o.alpha * o.tau * b
+        g_half = half and (o.head_dtype == torch.bfloat16 or t_bound is not None)
+        g_dtype = (o.head_dtype if g_half else f32) if need_grad else None
+        g_scale = _g_scale(o.head_dtype, t_bound) if g_half else 1.0
         for i in range(0, n, o.chunk_size):
             ix = idx[i:i + o.chunk_size]
             c = len(ix)
@@ -278,18 +356,27 @@ class _FusedLoss(torch.autograd.Function):
             if ht is not None:
                 head(ht[ix] / o.tau, wt, uv_c[1])                  # v = z_t / tau
             sp = None if sparse is None else [t[ix] for t in sparse]
-            chunk_sums, grad = _chunk(uv_c, y_c, bufs[0][:c], [b[:c] for b in bufs[1:]], o, sp)
+            out = _run_terms(uv_c[0], uv_c[1] if ht is not None else None, y_c, sp, o, g_scale, g_dtype) \
+                if compiled else None
+            if out is not None:  # dL/dz_s times g_scale, in g_dtype already
+                chunk_sums, G = out
+                grad = None if G is None else (G, 1.0, 1.0, t_bound)
+            else:
+                compiled = False
+                if bufs is None:
+                    bufs = torch.empty(1 + n_free, C, o.vocab, dtype=f32, device=dev).unbind()
+                chunk_sums, grad = _chunk(uv_c, y_c, bufs[0][:c], [b[:c] for b in bufs[1:]], o, sp)
             sums += chunk_sums
             if grad is None:
                 continue
             G, row, factor, bound = grad                           # dL/dz_s = factor * G / row
             if half and (o.head_dtype == torch.bfloat16 or bound is not None):
-                # G in the head's dtype, the rows' 1 / S folded in. float16's is scaled by a power of two, clear of
-                # its underflow with room below its overflow; bfloat16 has float32's range
-                scale = 1.0 if o.head_dtype == torch.bfloat16 else 2.0 ** math.floor(math.log2(32768 / bound))
-                if g16 is None:
-                    g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
-                G = torch.mul(G, scale / row, out=g16[:c])
+                # G in the head's dtype, the rows' 1 / S and float16's scale folded in (the compiled chunk's is)
+                scale = _g_scale(o.head_dtype, bound)
+                if G.dtype == f32:
+                    if g16 is None:
+                        g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
+                    G = torch.mul(G, scale / row, out=g16[:c])
                 w_b, h_b, out_scale, alpha_w = ws, h_c.to(o.head_dtype), factor / scale, factor / scale
                 if emulate:
                     G, h_b = G.float(), h_b.float()
@@ -336,7 +423,8 @@ def _add_grad_w(grad_w, G, h, alpha):
 
 
 def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_size=None,
-                 ignore_index=-100, kind="forward_kl", chunk_size=256, beta=0.5, normalizer=None, sparse=None):
+                 ignore_index=-100, kind="forward_kl", chunk_size=256, beta=0.5, normalizer=None, sparse=None,
+                 compile=False):
     """The fused chunked distillation loss: reference_loss's value and gradients without its [n, V] logits.
     h_s [B, T, D_s] student hidden states after the final norm, w_s [V, D_s] student head; h_t [B, T, D_t], w_t
     [V, D_t] teacher's (no gradient; both None -> CE only, needs alpha == 0); targets [B, T] (int64).
@@ -347,6 +435,9 @@ def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_
     normalizer: number or 0-dim tensor to divide the summed terms by (default: valid tokens here).
     Called under autocast (float16/bfloat16), the student's three head products run in that dtype with float32
     results; the softmaxes, KL and CE are float32 in any case.
+    compile: each chunk's elementwise work through torch.compile (the three built-in divergences, the cache and CE
+    alone; a divergence without an analytic gradient stays eager): fewer passes over [C, V] memory, a compile
+    (tens of seconds) at the first call and at each new chunk shape. If compiling fails, a warning, then eager.
     Returns (loss, stats), stats of detached 0-dim float32 tensors, the same keys in every mode: ce, kl (always
     forward KL at this temperature, without tau^2), div (the `kind` divergence), top1 (student/teacher argmax
     agreements), all summed over tokens and divided by the normalizer (kl, div, top1 0 without a teacher); n
@@ -378,7 +469,7 @@ def distill_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, vocab_
     grad_on = torch.is_grad_enabled()
     o = Options(alpha=float(alpha), tau=float(temperature), kind=kind, beta=float(beta), vocab=vocab,
                 chunk_size=int(chunk_size), ignore_index=ignore_index, need_h=grad_on and h_s.requires_grad,
-                need_w=grad_on and w_s.requires_grad, head_dtype=head_dtype)
+                need_w=grad_on and w_s.requires_grad, head_dtype=head_dtype, compiled=bool(compile))
     with torch.autocast(device_type, enabled=False):  # the dtypes inside are the loss's own
         loss, s = _FusedLoss.apply(h_s, w_s, h_t, w_t, targets, normalizer, sparse, o)
     return loss, dict(zip(("ce", "kl", "div", "top1", "n"), s.unbind()))

@@ -59,7 +59,7 @@ def close(actual, expected, rtol=1e-5, atol_frac=1e-6):
 
 def check_against_reference(inputs, rtol=1e-5, **kw):
     l, s, gh, gw = fused(*inputs, **kw)
-    kw.pop("chunk_size", None)
+    kw.pop("chunk_size", None), kw.pop("compile", None)
     rl, rs, rgh, rgw = reference(*inputs, **kw)
     assert l.dtype == torch.float32 and all(v.dtype == torch.float32 for v in s.values())
     assert all(v.dim() == 0 and not v.requires_grad for v in s.values())
@@ -297,3 +297,69 @@ def test_top1_with_a_teacher_near_the_student(kind):
     h_t = h_s + 0.3 * torch.randn(h_s.shape, generator=torch.Generator().manual_seed(0))
     s, _ = check_against_reference([h_s, w_s, h_t, w_s.clone(), y], kind=kind, chunk_size=8)
     assert 0.5 < s["top1"] < 1
+
+
+@pytest.fixture
+def fresh_compile():
+    """torch.compile's caches emptied: each test compiles its own graphs (dynamo stops compiling a function after
+    8 variants)."""
+    torch._dynamo.reset()
+    loss._compiled.clear()
+    yield
+    torch._dynamo.reset()
+    loss._compiled.clear()
+
+
+@pytest.mark.parametrize("mode", ["forward_kl", "jsd", "ce", "sparse"])
+def test_compiled_chunk_matches_reference(mode, fresh_compile):
+    """compile=True: the chunk's elementwise work through torch.compile (inductor's C++ on a CPU) gives the
+    reference's values and gradients, as the eager chunk does. 33 tokens in chunks of 11: one graph."""
+    h_s, w_s, h_t, w_t, y = make_inputs(18)
+    if mode == "sparse":
+        g = torch.Generator().manual_seed(1)
+        t_hat = torch.rand(B, T, 4, generator=g)
+        sparse = dict(ids=torch.randint(0, V - 20, (B, T, 4), generator=g), t_hat=t_hat / t_hat.sum(-1, keepdim=True),
+                      entropy=torch.rand(B, T, generator=g), argmax=torch.randint(0, V - 20, (B, T), generator=g))
+        check_against_reference([h_s, w_s, None, None, y], sparse=sparse, chunk_size=11, compile=True)
+    elif mode == "ce":
+        check_against_reference([h_s, w_s, None, None, y], alpha=0.0, chunk_size=11, compile=True)
+    else:
+        check_against_reference([h_s, w_s, h_t, w_t, y], kind=mode, alpha=0.3, chunk_size=11, compile=True)
+    assert loss._compiled["terms"] is not None  # it did compile, and did not fall back
+
+
+def test_compiled_chunk_in_half_precision(fresh_compile):
+    """Under autocast the compiled chunk hands the backward products its gradient in the half dtype, float16's
+    scaled as the eager chunk's: the same loss, and gradients within rounding of the eager path's."""
+    inputs = make_inputs(19)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            eager = fused(*inputs, chunk_size=11)
+            got = fused(*inputs, chunk_size=11, compile=True)
+        eps = torch.finfo(dtype).eps
+        assert abs(got[0] - eager[0]) <= 4 * eps * eager[0]
+        for g, ref in zip(got[2:], eager[2:]):
+            assert F.cosine_similarity(g.flatten(), ref.flatten(), 0) > 1 - 4 * eps
+    assert loss._compiled["terms"] is not None
+
+
+def test_compile_failure_falls_back_to_eager(fresh_compile, monkeypatch):
+    """A compile that fails (no C++ compiler, no Triton for the GPU) is one warning; the loss goes on eager, the
+    same values, and later calls do not try again."""
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("Cannot find a working triton installation\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    inputs = make_inputs(20)
+    with pytest.warns(UserWarning, match="torch.compile failed .*triton.*the eager loss instead"):
+        got = fused(*inputs, chunk_size=11, compile=True)
+    for a, b in zip(got, fused(*inputs, chunk_size=11)):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    fused(*inputs, chunk_size=11, compile=True)
+    assert len(calls) == 1 and loss._compiled["terms"] is None
