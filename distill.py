@@ -97,7 +97,7 @@ grad_clip = 1.0  # clip the gradient's global norm; 0: no clipping
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N (torchrun: per rank)
 dtype = "float32"  # student compute: float32 | bfloat16 | float16 (autocast over float32 weights)
-compile = False  # torch.compile student and teacher (needs Triton: not on a T4 with recent torch)
+compile = False  # torch.compile student, teacher, loss chunk (GPU: needs Triton; a T4 may lack it)
 seed = 1337
 config = configure(globals())
 
@@ -451,7 +451,7 @@ def loss_fn(h_s, y, normalizer, side):
         return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
                             temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
                             chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer,
-                            sparse=side["sparse"])
+                            sparse=side["sparse"], compile=compile)
 
 
 def all_reduce(stats):
