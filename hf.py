@@ -1,10 +1,12 @@
 """
 Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the hub, and
-distill.py's ckpt.pt. model.py's Transformer.from_pretrained / save_pretrained come through here.
+distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict / save_pretrained come
+through here.
 
 - resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
 - config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is not implemented.
 - read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
+- model_from_state_dict: a Transformer holding given tensors, their names and shapes checked.
 - load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the data's ids?
 - load_checkpoint: distill.py's ckpt.pt, or a one-line error.
 """
@@ -140,6 +142,33 @@ def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
             if not k.endswith("rotary_emb.inv_freq"):  # old exports carry it
                 sd[k.removeprefix("model.")] = t.to(dtype)
     return config, sd, path
+
+
+def model_from_state_dict(config, sd, device="cpu", where="state dict"):
+    """model.py's Transformer.from_state_dict: a model of config holding the tensors of sd (our names,
+    as state_dict() gives them), in eval mode. Built on the meta device and assigned the tensors, so
+    the weights exist once in memory; names or shapes other than the config's are a ValueError that
+    says so in one line, where naming the file."""
+    with torch.device("meta"):
+        model = Transformer(config, verbose=False)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # drop a tied export's copy
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{where}: the weights do not match a model of its config: "
+                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if wrong := next((k for k in sd if tuple(sd[k].shape) != shapes[k]), None):
+        raise ValueError(f"{where}: {wrong} is {tuple(sd[wrong].shape)}, its config says "
+                         f"{shapes[wrong]}: another model's weights?")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_rope(torch.device(device))
+    return model.eval()
 
 
 def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
@@ -356,7 +385,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     ckpt_path = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
+        model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
         hf_dir = os.path.join(path, "hf")
         has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
         return model.to(device=device, dtype=dtype), hf_dir if has_tokenizer else ckpt.get("tokenizer")
