@@ -179,6 +179,72 @@ def check_device(device):
             f"--device=cpu")
 
 
+def init_processes(device):
+    """torchrun's processes (RANK in the environment) or this one alone -> (ddp, rank, local_rank,
+    world_size, device). Under torchrun a cuda device becomes the local rank's GPU and the process
+    group starts: NCCL on GPUs, gloo on CPUs. die() if the device is not there (check_device)."""
+    import torch
+    import torch.distributed as dist
+
+    ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
+    rank, local_rank, world_size = (0, 0, 1)
+    if ddp:
+        env = os.environ
+        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+        world_size = int(env["WORLD_SIZE"])
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    check_device(device)
+    if ddp:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return ddp, rank, local_rank, world_size, device
+
+
+def check_bfloat16(device, **dtypes):
+    """die() if a setting (given as name=dtype) asks for bfloat16 on a GPU before sm80, where
+    model.auto_dtype picks float16: such a GPU only emulates bfloat16."""
+    import torch
+
+    from model import auto_dtype
+
+    which = next((name for name, dtype in dtypes.items() if dtype == "bfloat16"), None)
+    if device.startswith("cuda") and which and auto_dtype(device) != torch.bfloat16:
+        sm = "".join(map(str, torch.cuda.get_device_capability(device)))
+        die(f"{which}=bfloat16, but this GPU (sm{sm}) only emulates bfloat16, slowly, and its "
+            f"fused attention does not take it: use float16")
+
+
+# MFU: dense peak FLOP/s per dtype (float32 means TF32 where the GPU has it; a T4's float16 tensor
+# cores are 8x its float32). The first entry whose words are all in the GPU's name wins.
+PEAK_FLOPS = [
+    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
+    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
+    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
+    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
+]
+
+
+def time_at_peak(device, parts):
+    """The seconds that parts, [(FLOPs, dtype name)], would take at the device's dense peaks, each
+    at its dtype's. None (MFU null, not a wrong number) on CPUs and GPUs not in PEAK_FLOPS."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    words = torch.cuda.get_device_name(device).replace("-", " ").split()
+    peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
+    if not all(d in peaks for _, d in parts):
+        return None
+    return sum(f / peaks[d] for f, d in parts)
+
+
 TORCH_FLOOR = (2, 8)  # torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8
 
 

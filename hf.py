@@ -1,13 +1,14 @@
 """
 Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the hub, and
-distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict / save_pretrained come
-through here.
+distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict / save_pretrained
+come through here.
 
 - resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
 - config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is not implemented.
 - read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
 - model_from_state_dict: a Transformer holding given tensors, their names and shapes checked.
 - load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the data's ids?
+- load_teacher: distill.py's teacher, checked against the data, or a one-line error.
 - load_checkpoint: distill.py's ckpt.pt, or a one-line error.
 """
 
@@ -145,10 +146,10 @@ def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
 
 
 def model_from_state_dict(config, sd, device="cpu", where="state dict"):
-    """model.py's Transformer.from_state_dict: a model of config holding the tensors of sd (our names,
-    as state_dict() gives them), in eval mode. Built on the meta device and assigned the tensors, so
-    the weights exist once in memory; names or shapes other than the config's are a ValueError that
-    says so in one line, where naming the file."""
+    """model.py's Transformer.from_state_dict: a model of config holding the tensors of sd (our
+    names, as state_dict() gives them), in eval mode. Built on the meta device and assigned the
+    tensors, so the weights exist once in memory; names or shapes other than the config's are a
+    ValueError that says so in one line, where naming the file."""
     with torch.device("meta"):
         model = Transformer(config, verbose=False)
     expected = set(model.state_dict())
@@ -297,6 +298,44 @@ def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     if eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
         return f"does not read EOS id {eos_id} as", False
     return None
+
+
+def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, device, verbose=True,
+                 log=print):
+    """distill.py's teacher, frozen, in eval mode: a hub id or directory whose tokenizer reads the
+    data's ids (check_tokenizers; log gets a warning where that cannot be checked), whose vocabulary
+    holds the data's vocab_size ids and whose context holds block_size tokens. Else a ValueError:
+    the one line distill.py stops with."""
+
+    def one_line(e):  # the loader's own error
+        return ValueError(f"cannot load the teacher: {e}".splitlines()[0])
+
+    try:
+        path = resolve_pretrained(name)
+        found = check_tokenizers(path, data_tokenizer, eos_id)
+    except (OSError, ValueError) as e:
+        raise one_line(e) from None
+    if found and not found[1]:
+        raise ValueError(f"the teacher's tokenizer ({name}) {found[0]} the data's "
+                         f"({data_tokenizer}): prepare the data with the teacher's tokenizer "
+                         f"(python prepare.py --tokenizer={name} ...) or choose a teacher of the "
+                         f"data's")
+    if found:
+        log(f"warning: {found[0]}")
+    try:
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=verbose,
+                                            max_seq_len=block_size)
+    except (OSError, ValueError) as e:
+        raise one_line(e) from None
+    model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller "
+                         f"than the tokenizer's ({vocab_size} ids): prepare the data with the "
+                         f"teacher's tokenizer")
+    if block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size {block_size} exceeds the teacher's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    return model
 
 
 # -----------------------------------------------------------------------------
