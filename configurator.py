@@ -13,6 +13,9 @@ script's settings block, comments and all.
 
 then checks the values, before anything is loaded: the first setting out of range stops the script with one
 line that names it, its value and what is allowed.
+
+Also what the scripts share around their settings: die(), interrupts, progress lines, the device and its
+processes (torchrun), and the GPUs' peak FLOP/s for distill.py's MFU.
 """
 
 import ast
@@ -167,6 +170,25 @@ def one_line_interrupts(what="rerun the same command"):
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def stop_requests(what):
+    """From here on Ctrl-C and SIGTERM (what torchrun sends its workers) only ask to stop: the
+    returned function says whether one came, for a loop to stop after its step. A second Ctrl-C
+    aborts as one_line_interrupts(what) does, a second SIGTERM at once."""
+    import signal
+
+    requests = []
+
+    def request(signum, frame):
+        requests.append(signum)
+        again = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, again)
+
+    one_line_interrupts(what)
+    signal.signal(signal.SIGINT, request)
+    signal.signal(signal.SIGTERM, request)
+    return lambda: bool(requests)
+
+
 # the device setting of every script: the rule for check(), then check_device once torch is imported
 DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)), "cpu, cuda or cuda:N (mps and others are not supported)"
 
@@ -229,6 +251,19 @@ PEAK_FLOPS = [
     (("V100",), {"float16": 125e12, "float32": 15.7e12}),
     (("T4",), {"float16": 65e12, "float32": 8.1e12}),
 ]
+
+
+def peak_mem_gb(device):
+    """(allocated, reserved): on CUDA the most held by tensors and by its cache; on a CPU the peak
+    RSS and None."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return (torch.cuda.max_memory_allocated(device) / 1e9,
+                torch.cuda.max_memory_reserved(device) / 1e9)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
 
 
 def time_at_peak(device, parts):

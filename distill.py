@@ -20,8 +20,6 @@ Hugging Face directory with the tokenizer.
 import json
 import math
 import os
-import resource
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -37,7 +35,7 @@ import cache
 import prune
 from configurator import (DEVICE, at_least, between, check, check_bfloat16, check_torch,
                           check_writable, configure, die, init_processes, one_line_interrupts,
-                          one_of, time_at_peak)
+                          one_of, peak_mem_gb, stop_requests, time_at_peak)
 from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
                 resume_log)
 from loss import KD_KINDS, distill_loss
@@ -498,29 +496,10 @@ if teacher_model is not None:
     parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
 seconds_at_peak = time_at_peak(device, parts)  # one token's; None on CPUs and unknown GPUs
 
-
-def peak_mem_gb():  # (allocated, reserved): CUDA's most held by tensors and by its cache; CPU: RSS
-    if device_type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) / 1e9,
-                torch.cuda.max_memory_reserved(device) / 1e9)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
-
-
-# from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; twice aborts
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-
-# a second Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
-one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume"
-                    if os.path.exists(ckpt_path) else "rerun the same command")
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+# from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; a second
+# Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
+stop_requested = stop_requests(lambda: f"continue from {ckpt_path} with --init_from=resume"
+                               if os.path.exists(ckpt_path) else "rerun the same command")
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -571,7 +550,7 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop
     # request; loss, ce, kl and grad_norm are the same mean on every process once / world_size
-    stop = torch.full((), float(stop_requested), device=device)
+    stop = torch.full((), float(stop_requested()), device=device)
     r = all_reduce(dict(stats, grad_norm=grad_norm, stop=stop))
     for k in ("loss", "ce", "kl", "grad_norm"):
         r[k] /= world_size
@@ -583,7 +562,7 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
-        mem, reserved = peak_mem_gb()
+        mem, reserved = peak_mem_gb(device)
         log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
                  "kl": r["kl"] if teacher is not None else None, "lr": lr,
                  "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
