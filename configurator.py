@@ -14,8 +14,8 @@ script's settings block, comments and all.
 then checks the values, before anything is loaded: the first setting out of range stops the script with one
 line that names it, its value and what is allowed.
 
-Also what the scripts share around their settings: die(), interrupts, progress lines, the device and its
-processes (torchrun), and the GPUs' peak FLOP/s for distill.py's MFU.
+Also what the scripts share around their settings: die(), interrupts, progress lines, the device
+and its processes (torchrun), and the GPUs' peak FLOP/s for distill.py's MFU.
 """
 
 import ast
