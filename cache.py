@@ -42,6 +42,18 @@ def fingerprint(path):  # size and sha1 of a bin: a cache of other data is refus
     return f"{os.path.getsize(path)}:{h.hexdigest()}"
 
 
+def describe(data_dir, teacher, tokenizer, temperature, block_size, samples, topk, seed,
+             vocab_size):
+    """What distill.py's cache is built from, as meta.json records it (less the teacher's shape,
+    which the build adds): state() compares it with a cache's. The bins count by fingerprint."""
+    meta = dict(version=VERSION, teacher=teacher, tokenizer=tokenizer,
+                temperature=float(temperature), block_size=block_size, cache_samples=samples,
+                cache_topk=topk, seed=seed, vocab_size=vocab_size)
+    for split in ("train", "val"):
+        meta[split] = fingerprint(os.path.join(data_dir, f"{split}.bin"))
+    return meta
+
+
 def state(cache_dir, want):
     """"complete" (meta.json matches want, and the files have the sizes it records), "absent" (no meta.json: build
     it; an interrupted build left none), or the one line saying what is wrong."""

@@ -13,6 +13,9 @@ script's settings block, comments and all.
 
 then checks the values, before anything is loaded: the first setting out of range stops the script with one
 line that names it, its value and what is allowed.
+
+Also what the scripts share around their settings: die(), interrupts, progress lines, the device
+and its processes (torchrun), and the GPUs' peak FLOP/s for distill.py's MFU.
 """
 
 import ast
@@ -167,6 +170,25 @@ def one_line_interrupts(what="rerun the same command"):
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def stop_requests(what):
+    """From here on Ctrl-C and SIGTERM (what torchrun sends its workers) only ask to stop: the
+    returned function says whether one came, for a loop to stop after its step. A second Ctrl-C
+    aborts as one_line_interrupts(what) does, a second SIGTERM at once."""
+    import signal
+
+    requests = []
+
+    def request(signum, frame):
+        requests.append(signum)
+        again = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, again)
+
+    one_line_interrupts(what)
+    signal.signal(signal.SIGINT, request)
+    signal.signal(signal.SIGTERM, request)
+    return lambda: bool(requests)
+
+
 # the device setting of every script: the rule for check(), then check_device once torch is imported
 DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)), "cpu, cuda or cuda:N (mps and others are not supported)"
 
@@ -177,6 +199,85 @@ def check_device(device):
     if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
         die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use "
             f"--device=cpu")
+
+
+def init_processes(device):
+    """torchrun's processes (RANK in the environment) or this one alone -> (ddp, rank, local_rank,
+    world_size, device). Under torchrun a cuda device becomes the local rank's GPU and the process
+    group starts: NCCL on GPUs, gloo on CPUs. die() if the device is not there (check_device)."""
+    import torch
+    import torch.distributed as dist
+
+    ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
+    rank, local_rank, world_size = (0, 0, 1)
+    if ddp:
+        env = os.environ
+        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+        world_size = int(env["WORLD_SIZE"])
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    check_device(device)
+    if ddp:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return ddp, rank, local_rank, world_size, device
+
+
+def check_bfloat16(device, **dtypes):
+    """die() if a setting (given as name=dtype) asks for bfloat16 on a GPU before sm80, where
+    model.auto_dtype picks float16: such a GPU only emulates bfloat16."""
+    import torch
+
+    from model import auto_dtype
+
+    which = next((name for name, dtype in dtypes.items() if dtype == "bfloat16"), None)
+    if device.startswith("cuda") and which and auto_dtype(device) != torch.bfloat16:
+        sm = "".join(map(str, torch.cuda.get_device_capability(device)))
+        die(f"{which}=bfloat16, but this GPU (sm{sm}) only emulates bfloat16, slowly, and its "
+            f"fused attention does not take it: use float16")
+
+
+# MFU: dense peak FLOP/s per dtype (float32 means TF32 where the GPU has it; a T4's float16 tensor
+# cores are 8x its float32). The first entry whose words are all in the GPU's name wins.
+PEAK_FLOPS = [
+    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
+    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
+    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
+    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
+]
+
+
+def peak_mem_gb(device):
+    """(allocated, reserved): on CUDA the most held by tensors and by its cache; on a CPU the peak
+    RSS and None."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return (torch.cuda.max_memory_allocated(device) / 1e9,
+                torch.cuda.max_memory_reserved(device) / 1e9)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
+
+
+def time_at_peak(device, parts):
+    """The seconds that parts, [(FLOPs, dtype name)], would take at the device's dense peaks, each
+    at its dtype's. None (MFU null, not a wrong number) on CPUs and GPUs not in PEAK_FLOPS."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    words = torch.cuda.get_device_name(device).replace("-", " ").split()
+    peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
+    if not all(d in peaks for _, d in parts):
+        return None
+    return sum(f / peaks[d] for f, d in parts)
 
 
 TORCH_FLOOR = (2, 8)  # torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8

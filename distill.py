@@ -20,8 +20,6 @@ Hugging Face directory with the tokenizer.
 import json
 import math
 import os
-import resource
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
 import prune
-from configurator import (DEVICE, at_least, between, check, check_device, check_torch,
-                          check_writable, configure, die, one_line_interrupts, one_of, progress)
-from hf import (TOKENIZER_FILES, check_tokenizers, compare_resume, load_checkpoint,
-                resolve_pretrained, resume_log)
+from configurator import (DEVICE, at_least, between, check, check_bfloat16, check_torch,
+                          check_writable, configure, die, init_processes, one_line_interrupts,
+                          one_of, peak_mem_gb, stop_requests, time_at_peak)
+from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
+                resume_log)
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
 from prepare import read_meta
@@ -137,19 +136,8 @@ if min_lr > learning_rate:
 # -----------------------------------------------------------------------------
 # processes and devices
 
-ddp = "RANK" in os.environ  # launched by torchrun / torch.distributed.run
-rank, local_rank, world_size = (0, 0, 1)
-if ddp:
-    env = os.environ
-    rank, local_rank, world_size = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-if ddp and device.startswith("cuda"):
-    device = f"cuda:{local_rank}"
+ddp, rank, local_rank, world_size, device = init_processes(device)  # torchrun's, or this one
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-check_device(device)
-if ddp:
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 master = rank == 0
 
 
@@ -161,12 +149,7 @@ def print0(*args, **kw):
 one_line_interrupts()  # until the loop, which takes Ctrl-C over: a checkpoint, then stop
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
-bf16 = "bfloat16" in (dtype, teacher_dtype)
-if device_type == "cuda" and bf16 and auto_dtype(device) != torch.bfloat16:
-    sm = "".join(map(str, torch.cuda.get_device_capability(device)))
-    which = "dtype" if dtype == "bfloat16" else "teacher_dtype"
-    die(f"{which}=bfloat16, but this GPU (sm{sm}) only emulates bfloat16, slowly, and its fused "
-        f"attention does not take it: use float16")
+check_bfloat16(device, dtype=dtype, teacher_dtype=teacher_dtype)  # not on a GPU that emulates it
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
@@ -271,43 +254,20 @@ if init_from == "resume":
 
 cache_meta, cache_state = None, None
 if teacher_cache:  # checked against what it was built from, before anything loads; built when used
-    cache_meta = dict(version=cache.VERSION, teacher=teacher, tokenizer=meta.get("tokenizer"),
-                      temperature=float(temperature), block_size=block_size,
-                      cache_samples=cache_samples, cache_topk=cache_topk, seed=seed,
-                      vocab_size=vocab_size)
-    for split in ("train", "val"):
-        cache_meta[split] = cache.fingerprint(os.path.join(data_dir, f"{split}.bin"))
+    cache_meta = cache.describe(data_dir, teacher, meta.get("tokenizer"), temperature, block_size,
+                                cache_samples, cache_topk, seed, vocab_size)
     cache_state = cache.state(teacher_cache, cache_meta)
     if cache_state not in ("complete", "absent"):
         die(cache_state)
 
-
-def load_teacher():
-    try:
-        teacher_dir = resolve_pretrained(teacher)
-        if (found := check_tokenizers(teacher_dir, meta.get("tokenizer"), eos_id)) and found[1]:
-            print0(f"warning: {found[0]}")
-        elif found:
-            die(f"the teacher's tokenizer ({teacher}) {found[0]} the data's ({meta['tokenizer']}): "
-                f"prepare the data with the teacher's tokenizer (python prepare.py "
-                f"--tokenizer={teacher} ...) or choose a teacher of the data's")
-        model = Transformer.from_pretrained(teacher_dir, dtype=DTYPES[teacher_dtype], device=device,
-                                            verbose=master, max_seq_len=block_size)
-    except (OSError, ValueError) as e:
-        die(f"cannot load the teacher: {e}".splitlines()[0])
-    model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
-    model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
-    if model.config.vocab_size < vocab_size:
-        die(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller than the "
-            f"tokenizer's ({vocab_size} ids): prepare the data with the teacher's tokenizer")
-    if block_size > model.config.max_seq_len:
-        die(f"block_size {block_size} exceeds the teacher's max_seq_len {model.config.max_seq_len}")
-    return model
-
-
 teacher_model, tcfg = None, None
 if teacher is not None and (cache_state != "complete" or init_from == "prune"):
-    teacher_model = load_teacher()
+    try:  # checked against the data: its tokenizer, vocabulary and block_size (hf.py)
+        teacher_model = load_teacher(teacher, meta.get("tokenizer"), eos_id, vocab_size, block_size,
+                                     DTYPES[teacher_dtype], device, verbose=master, log=print0)
+    except ValueError as e:
+        die(str(e))
+    teacher_model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
     tcfg = teacher_model.config
 elif cache_state == "complete":  # the teacher is not loaded: its shape comes from the cache
     tcfg = ModelConfig(**cache.teacher_config(teacher_cache))
@@ -352,27 +312,12 @@ if teacher_cache:
     print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its "
            f"samples (unbiased), teacher_val_ce and val_top1 exact")
 
-
-def calibration_batches():
-    # init_from=prune: a seeded sample of train windows; each process runs the teacher on its share
-    windows = np.random.default_rng(seed).permutation(n_train)[:prune_windows]
-    bar = progress(len(windows), "calibration", unit="windows", enabled=master)
-    mine = windows[rank::world_size]
-    for i in range(0, len(mine), batch_size):
-        yield load_windows("train", mine[i:i + batch_size])[0]
-        bar.update(len(mine[i:i + batch_size]) * world_size)
-    bar.close()
-
-
-if init_from == "prune":
-    t0 = time.time()
-    print0(f"pruning the student out of the teacher: the teacher runs over "
-           f"{min(prune_windows, n_train)} windows of train.bin; its most important pieces stay")
-    raw_model, keep = prune.cut(teacher_model, ModelConfig(**model_args), calibration_batches(),
-                                prune_layers, prune_width, dist.all_reduce if ddp else None)
-    print0(f"pruned the student out of the teacher in {time.time() - t0:.1f} s: layers "
-           f"{keep['layers'].tolist()} of {tcfg.n_layer}; Transformer: {raw_model.num_params():,} "
-           f"parameters")
+if init_from == "prune":  # calibrated on prune_windows windows of train.bin (prune.py)
+    raw_model = prune.calibrate_and_cut(teacher_model, ModelConfig(**model_args),
+                                        lambda w: load_windows("train", w)[0], n_train,
+                                        prune_windows, seed, batch_size, prune_layers, prune_width,
+                                        rank, world_size, dist.all_reduce if ddp else None,
+                                        log=print0)
 else:  # float32: the master weights under autocast
     raw_model = Transformer(ModelConfig(**model_args), verbose=master)
 if ckpt is not None:
@@ -544,56 +489,17 @@ def log_row(row):  # eval rows have val_ce, train rows loss
         logger.log(row, step=row["iter"])
 
 
-# MFU: each part of a token's FLOPs over the dense peak of the dtype it runs in (a T4's float16
-# tensor cores are 8x its float32; float32 means TF32 where the GPU has it): the student's body and
-# head (the loss's head products) in dtype, the teacher in teacher_dtype. The first entry whose
-# words are all in the GPU's name wins; anything else (and CPUs) gets mfu null.
-PEAK_FLOPS = [
-    (("H200",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
-    (("H100", "PCIe"), {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
-    (("H100",), {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
-    (("A100",), {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    (("L4",), {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
-    (("A10G",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),  # A10's data sheet
-    (("A10",), {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
-    (("V100",), {"float16": 125e12, "float32": 15.7e12}),
-    (("T4",), {"float16": 65e12, "float32": 8.1e12}),
-]
-seconds_at_peak = None  # what one token would take at those peaks
-if device_type == "cuda":
-    words = torch.cuda.get_device_name(device).replace("-", " ").split()
-    peaks = next((p for names, p in PEAK_FLOPS if all(w in words for w in names)), {})
-    s_body, s_head = raw_model.flops_per_token(block_size)
-    parts = [(s_body, dtype), (s_head, dtype)]
-    if teacher_model is not None:
-        t_body, t_head = teacher_model.flops_per_token(block_size, backward=False)
-        parts += [(t_body, teacher_dtype), (t_head, teacher_dtype)]
-    if all(d in peaks for _, d in parts):
-        seconds_at_peak = sum(f / peaks[d] for f, d in parts)
+# MFU: each part of a token's FLOPs at the peak of the dtype it runs in (configurator.py's table):
+# the student's body and head (the loss's head products) in dtype, the teacher in teacher_dtype
+parts = [(f, dtype) for f in raw_model.flops_per_token(block_size)]
+if teacher_model is not None:
+    parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
+seconds_at_peak = time_at_peak(device, parts)  # one token's; None on CPUs and unknown GPUs
 
-
-def peak_mem_gb():  # (allocated, reserved): CUDA's most held by tensors and by its cache; CPU: RSS
-    if device_type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) / 1e9,
-                torch.cuda.max_memory_reserved(device) / 1e9)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
-
-
-# from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; twice aborts
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-
-# a second Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
-one_line_interrupts(lambda: f"continue from {ckpt_path} with --init_from=resume"
-                    if os.path.exists(ckpt_path) else "rerun the same command")
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+# from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; a second
+# Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
+stop_requested = stop_requests(lambda: f"continue from {ckpt_path} with --init_from=resume"
+                               if os.path.exists(ckpt_path) else "rerun the same command")
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -644,7 +550,7 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop
     # request; loss, ce, kl and grad_norm are the same mean on every process once / world_size
-    stop = torch.full((), float(stop_requested), device=device)
+    stop = torch.full((), float(stop_requested()), device=device)
     r = all_reduce(dict(stats, grad_norm=grad_norm, stop=stop))
     for k in ("loss", "ce", "kl", "grad_norm"):
         r[k] /= world_size
@@ -656,7 +562,7 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
-        mem, reserved = peak_mem_gb()
+        mem, reserved = peak_mem_gb(device)
         log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
                  "kl": r["kl"] if teacher is not None else None, "lr": lr,
                  "grad_norm": r["grad_norm"], "tokens_per_sec": tps,

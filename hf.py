@@ -1,11 +1,14 @@
 """
 Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the hub, and
-distill.py's ckpt.pt. model.py's Transformer.from_pretrained / save_pretrained come through here.
+distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict / save_pretrained
+come through here.
 
 - resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
 - config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is not implemented.
 - read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
+- model_from_state_dict: a Transformer holding given tensors, their names and shapes checked.
 - load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the data's ids?
+- load_teacher: distill.py's teacher, checked against the data, or a one-line error.
 - load_checkpoint: distill.py's ckpt.pt, or a one-line error.
 """
 
@@ -142,6 +145,33 @@ def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
     return config, sd, path
 
 
+def model_from_state_dict(config, sd, device="cpu", where="state dict"):
+    """model.py's Transformer.from_state_dict: a model of config holding the tensors of sd (our
+    names, as state_dict() gives them), in eval mode. Built on the meta device and assigned the
+    tensors, so the weights exist once in memory; names or shapes other than the config's are a
+    ValueError that says so in one line, where naming the file."""
+    with torch.device("meta"):
+        model = Transformer(config, verbose=False)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # drop a tied export's copy
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{where}: the weights do not match a model of its config: "
+                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if wrong := next((k for k in sd if tuple(sd[k].shape) != shapes[k]), None):
+        raise ValueError(f"{where}: {wrong} is {tuple(sd[wrong].shape)}, its config says "
+                         f"{shapes[wrong]}: another model's weights?")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_rope(torch.device(device))
+    return model.eval()
+
+
 def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
     """config.json and model.safetensors that transformers loads (plus the tokenizer's files when tokenizer_dir is
     given), each written to a temporary name, then renamed."""
@@ -270,6 +300,44 @@ def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     return None
 
 
+def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, device, verbose=True,
+                 log=print):
+    """distill.py's teacher, frozen, in eval mode: a hub id or directory whose tokenizer reads the
+    data's ids (check_tokenizers; log gets a warning where that cannot be checked), whose vocabulary
+    holds the data's vocab_size ids and whose context holds block_size tokens. Else a ValueError:
+    the one line distill.py stops with."""
+
+    def one_line(e):  # the loader's own error
+        return ValueError(f"cannot load the teacher: {e}".splitlines()[0])
+
+    try:
+        path = resolve_pretrained(name)
+        found = check_tokenizers(path, data_tokenizer, eos_id)
+    except (OSError, ValueError) as e:
+        raise one_line(e) from None
+    if found and not found[1]:
+        raise ValueError(f"the teacher's tokenizer ({name}) {found[0]} the data's "
+                         f"({data_tokenizer}): prepare the data with the teacher's tokenizer "
+                         f"(python prepare.py --tokenizer={name} ...) or choose a teacher of the "
+                         f"data's")
+    if found:
+        log(f"warning: {found[0]}")
+    try:
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=verbose,
+                                            max_seq_len=block_size)
+    except (OSError, ValueError) as e:
+        raise one_line(e) from None
+    model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller "
+                         f"than the tokenizer's ({vocab_size} ids): prepare the data with the "
+                         f"teacher's tokenizer")
+    if block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size {block_size} exceeds the teacher's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    return model
+
+
 # -----------------------------------------------------------------------------
 # distill.py's ckpt.pt
 
@@ -356,7 +424,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     ckpt_path = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        model = Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
+        model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
         hf_dir = os.path.join(path, "hf")
         has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
         return model.to(device=device, dtype=dtype), hf_dir if has_tokenizer else ckpt.get("tokenizer")

@@ -244,10 +244,9 @@ class Transformer(nn.Module):
         return body, k * cfg.vocab_size * cfg.n_embd
 
     def forward(self, idx, cache=None):
-        """idx (B, T) -> the final hidden states (B, T, D), after the last norm. The head is applied
-        by whoever needs logits: self.lm_head(h) for all of them, distill_loss a chunk of tokens at
-        a time, generation at the last position only. Non-finite activations anywhere reach these
-        hidden states, so torch.isfinite(h).all() is the cheap check (fp16 overflow)."""
+        """idx (B, T) -> the final hidden states (B, T, D), after the last norm; whoever needs the
+        logits applies the head. Non-finite activations anywhere reach these hidden states, so
+        torch.isfinite(h).all() is the cheap check (fp16 overflow)."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.max_seq_len:
@@ -359,38 +358,21 @@ class Transformer(nn.Module):
         """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B".
         max_seq_len, the longest sequence it will run, caps max_position_embeddings (smaller RoPE
         tables, fewer refusals)."""
-        from hf import read_pretrained
+        from hf import model_from_state_dict, read_pretrained
 
         config, sd, path = read_pretrained(path, dtype, device, max_seq_len)
-        model = cls.from_state_dict(config, sd, device, where=path)
+        model = model_from_state_dict(config, sd, device, where=path)
         if verbose:
             print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
         return model
 
     @classmethod
     def from_state_dict(cls, config, sd, device="cpu", where="state dict"):
-        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode.
-        Built on the meta device and assigned the tensors, so the weights exist once in memory."""
-        with torch.device("meta"):
-            model = cls(config, verbose=False)
-        expected = set(model.state_dict())
-        if config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # drop a tied export's copy
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{where}: the weights do not match a model of its config: "
-                             f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if wrong := next((k for k in sd if tuple(sd[k].shape) != shapes[k]), None):
-            raise ValueError(f"{where}: {wrong} is {tuple(sd[wrong].shape)}, its config says "
-                             f"{shapes[wrong]}: another model's weights?")
-        model.load_state_dict(sd, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_rope(torch.device(device))
-        return model.eval()
+        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode,
+        the weights once in memory; hf.py checks their names and shapes."""
+        from hf import model_from_state_dict
+
+        return model_from_state_dict(config, sd, device, where)
 
     def save_pretrained(self, out_dir, tokenizer_dir=None):
         """config.json and model.safetensors that transformers' AutoModelForCausalLM loads, plus the
@@ -398,7 +380,6 @@ class Transformer(nn.Module):
         from hf import write_pretrained
 
         write_pretrained(out_dir, self.config, self.state_dict(), tokenizer_dir)
-
 
 
 # -----------------------------------------------------------------------------

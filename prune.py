@@ -21,9 +21,13 @@ student-123m is a pruned Qwen2.5-0.5B: 512 of 896 channels, 12 of 24 layers, 4 o
 of each of the 2 groups, 2048 of 4864 neurons; same head_dim, vocabulary and RoPE.
 """
 
+import time
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from configurator import progress
 from model import Transformer
 
 
@@ -176,3 +180,29 @@ def cut(teacher, scfg, batches, layers="importance", width="importance", all_red
         all_reduce(v)
     keep = select(sums, teacher.config, scfg, layers, width)
     return prune(teacher, scfg, keep, sums).train(), keep
+
+
+def calibrate_and_cut(teacher, scfg, load, n_windows, count, seed, batch_size, layers="importance",
+                      width="importance", rank=0, world_size=1, all_reduce=None, log=print):
+    """distill.py's init_from=prune: cut() calibrated on count train windows drawn (seeded) from
+    the n_windows there are, load(window indices) giving their token ids. Each process runs the
+    teacher on its share, batch_size windows at a time (all_reduce adds the shares up). Logs the
+    cut; returns the student."""
+
+    def batches():
+        windows = np.random.default_rng(seed).permutation(n_windows)[:count]
+        bar = progress(len(windows), "calibration", unit="windows", enabled=rank == 0)
+        mine = windows[rank::world_size]
+        for i in range(0, len(mine), batch_size):
+            yield load(mine[i:i + batch_size])
+            bar.update(len(mine[i:i + batch_size]) * world_size)
+        bar.close()
+
+    t0 = time.time()
+    log(f"pruning the student out of the teacher: the teacher runs over "
+        f"{min(count, n_windows)} windows of train.bin; its most important pieces stay")
+    student, keep = cut(teacher, scfg, batches(), layers, width, all_reduce)
+    log(f"pruned the student out of the teacher in {time.time() - t0:.1f} s: layers "
+        f"{keep['layers'].tolist()} of {teacher.config.n_layer}; Transformer: "
+        f"{student.num_params():,} parameters")
+    return student
