@@ -51,6 +51,7 @@ def main():
     p.add_argument("--t0", nargs="+", required=True, help="eval.py's JSON at --temperature=0")
     p.add_argument("--g", default="4", help="the draft length to show")
     p.add_argument("--base", default="ce", help="the arm the others are compared with, seed by seed")
+    p.add_argument("--vs", nargs="*", help="only these arms' differences from the base (default: every arm's)")
     args = p.parse_args()
     runs = {}
     for run, paths in (("t1", args.t1), ("t0", args.t0)):
@@ -59,7 +60,7 @@ def main():
             for arm, seeds in arms(json.load(open(path))).items():
                 runs[run].setdefault(arm, {}).update(seeds)
     names = list(runs["t1"])
-    others = [a for a in names if a != args.base]
+    others = [a for a in names if a != args.base and (args.vs is None or a in args.vs)]
     print("| | " + " | ".join(names) + " | " + " | ".join(f"{a} - {args.base}, seed by seed" for a in others) +
           " |\n|---|" + "---|" * (len(names) + len(others)))
     for label, run, fn in ROWS:
