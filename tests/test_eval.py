@@ -80,3 +80,25 @@ def test_text_file_and_a_student_of_another_vocabulary(pair, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[-1].startswith("eval.py: error: ") and "vocabulary rows" in lines[-1], r.stderr
+
+
+def test_draft_table_groups_arms_and_seeds(tmp_path):
+    """experiments/draft_table.py: students named ARM_seedN from several eval.py files become one row per number,
+    mean ± sd per arm and each arm minus the base arm seed by seed."""
+    def student(v):
+        gen = {"4": dict(tokens_per_call=v, predicted_tokens_per_call=v, predicted_speedup=v, speedup=v)}
+        return dict(val_ce=v, kl=v, top1=v, accept_t1=v, c=v, generation=gen)
+
+    files = {}
+    for run in ("t1", "t0"):
+        for part, seeds in (("a", (1, 2)), ("b", (3,))):
+            students = {f"/x/{arm}_seed{s}": student(s * (2 if arm == "kd" else 1)) for arm in ("kd", "ce")
+                        for s in seeds}
+            files[run, part] = tmp_path / f"{part}_{run}.json"
+            files[run, part].write_text(json.dumps({"students": students}))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "draft_table.py"),
+                          "--t1", files["t1", "a"], files["t1", "b"], "--t0", files["t0", "a"], files["t0", "b"]],
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| val CE"))
+    assert row == "| val CE | 4.000 ± 2.000 | 2.000 ± 1.000 | +1.000, +2.000, +3.000 |"
+    assert "| | kd | ce | kd - ce, seed by seed |" in out
