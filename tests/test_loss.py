@@ -310,10 +310,11 @@ def fresh_compile():
     loss._compiled.clear()
 
 
-@pytest.mark.parametrize("mode", ["forward_kl", "jsd", "ce", "sparse"])
+@pytest.mark.parametrize("mode", ["forward_kl", "jsd", "sparse"])  # each a compile (~10 s)
 def test_compiled_chunk_matches_reference(mode, fresh_compile):
     """compile=True: the chunk's elementwise work through torch.compile (inductor's C++ on a CPU) gives the
-    reference's values and gradients, as the eager chunk does. 33 tokens in chunks of 11: one graph."""
+    reference's values and gradients, as the eager chunk does (CE alone is the same code without a teacher). 33
+    tokens in chunks of 11: one graph."""
     h_s, w_s, h_t, w_t, y = make_inputs(18)
     if mode == "sparse":
         g = torch.Generator().manual_seed(1)
@@ -321,8 +322,6 @@ def test_compiled_chunk_matches_reference(mode, fresh_compile):
         sparse = dict(ids=torch.randint(0, V - 20, (B, T, 4), generator=g), t_hat=t_hat / t_hat.sum(-1, keepdim=True),
                       entropy=torch.rand(B, T, generator=g), argmax=torch.randint(0, V - 20, (B, T), generator=g))
         check_against_reference([h_s, w_s, None, None, y], sparse=sparse, chunk_size=11, compile=True)
-    elif mode == "ce":
-        check_against_reference([h_s, w_s, None, None, y], alpha=0.0, chunk_size=11, compile=True)
     else:
         check_against_reference([h_s, w_s, h_t, w_t, y], kind=mode, alpha=0.3, chunk_size=11, compile=True)
     assert loss._compiled["terms"] is not None  # it did compile, and did not fall back
@@ -330,9 +329,10 @@ def test_compiled_chunk_matches_reference(mode, fresh_compile):
 
 def test_compiled_chunk_in_half_precision(fresh_compile):
     """Under autocast the compiled chunk hands the backward products its gradient in the half dtype, float16's
-    scaled as the eager chunk's: the same loss, and gradients within rounding of the eager path's."""
+    scaled as the eager chunk's: the same loss, and gradients within rounding of the eager path's. float16 only
+    (bfloat16 takes the same path without the scale)."""
     inputs = make_inputs(19)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float16,):
         with torch.autocast("cpu", dtype=dtype):
             eager = fused(*inputs, chunk_size=11)
             got = fused(*inputs, chunk_size=11, compile=True)
