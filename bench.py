@@ -932,7 +932,7 @@ NEEDS = {"model": "~3 min; RAM not measured (two 123M students in one process)",
          "loss": "~5 min; ~19 GB of free RAM (the full-logits reference)",
          "step": "~10 min; ~11 GB of RAM (both sides in one process)",
          "cache": "~3 min; ~5 GB of RAM",
-         "bytes": "~5 min (five compiles); ~2.7 GB of RAM",
+         "bytes": "5-10 min (five compiles); ~2.7 GB of RAM",
          "precision": "~4 min; ~4.5 GB of RAM",
          "gpu": "a CUDA GPU, up to --limit_gb=14 GB of it; time not measured here",
          "spec": "~2 min; ~3 GB of RAM (Qwen2.5-0.5B's and student-123m's shapes, random weights)"}
