@@ -8,6 +8,7 @@ the teacher's heads a chunk of tokens at a time, so that no [B, T, V] logits eve
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,8 @@ def reference_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, voca
 # On a GPU the elementwise work costs its passes over [C, V] memory, not its FLOPs (`python bench.py bytes`
 # counts them), so: p_s = softmax(u) is taken once and shared; CE's softmax(z_s) is p_s^T / S, its row sum S
 # folded into a per-row factor; a log-sum-exp is read off a softmax at the row's maximum (`_lse`); row sums of
-# values are products, both of the forward KL's in one (`_rowdot`).
+# values are products, both of the forward KL's in one (`_rowdot`); a gradient p_s - x (forward KL, the cache) is
+# mixed with CE's in two ops that never write it (`PsMinus`).
 # Gradients, with u = z / T, for the divergence's value d (docs/loss.md derives them):
 #   forward_kl  dd/du = p_s - p_t
 #   reverse_kl  dd/du = p_s (r - d),            r = log p_s - log p_t
@@ -118,14 +120,17 @@ class _Rows:  # per-row facts of a chunk, [C, 1] each: the max and argmax of u a
 
 # Each divergence's analytic gradient: (uv, p_s, free, beta, m) -> (forward KL, d, g, c) per row, dd/du = c * g.
 # uv [2, C, V]: u and v, which it may overwrite; p_s = softmax(u), to be kept; free: its scratch buffers; g: one of
-# those buffers (or uv's).
+# those buffers (or uv's), or PsMinus(x) for g = p_s - x, which the mix then never writes out (two passes fewer).
+
+class PsMinus(NamedTuple):
+    x: torch.Tensor
 
 def _forward_kl(uv, p_s, free, beta, m):
     u, v = uv
     p_t = torch.softmax(v, -1, out=free[0])                     # free[0]: p_t
     pu_pv = _rowdot(p_t, uv)                                    # [C, 2]: sum p_t u, sum p_t v, in one read of p_t
     kl = pu_pv[:, 1:] - pu_pv[:, :1] + m.lse_u - _lse(p_t, m.v_max, m.v_arg)
-    return kl, kl, torch.sub(p_s, p_t, out=v), 1.0              # v: p_s - p_t
+    return kl, kl, PsMinus(p_t), 1.0                            # g = p_s - p_t
 
 
 def _reverse_kl(uv, p_s, free, beta, m):
@@ -173,7 +178,7 @@ def _sampled(u, p_s, sparse, free, m):
     gradient p_s - t_hat is p_s - p_t in expectation. Returns what _forward_kl does."""
     ids, t_hat, entropy, _ = sparse                             # [C, K], [C, K] (zero-padded), [C, 1]
     kl = -(t_hat * (u.gather(1, ids) - m.lse_u)).sum(-1, keepdim=True) - entropy
-    return kl, kl, free[0].copy_(p_s).scatter_add_(1, ids, -t_hat), 1.0  # free[0]: p_s - t_hat
+    return kl, kl, PsMinus(free[0].zero_().scatter_add_(1, ids, t_hat)), 1.0  # g = p_s - t_hat
 
 
 @dataclass
@@ -222,22 +227,28 @@ def _chunk(uv, y, p_buf, free, o, sparse):
         kl, div, g, c = _autograd(DIVERGENCES[o.kind], uv, o.beta, need_grad)
         bound = None
     # CE at temperature 1: q = softmax(z_s) = p_s^tau / S, S = sum p_s^tau, so logsumexp(z_s) = tau lse_u + log S
-    if tau == 1:
-        q, S = p_s, torch.ones_like(u_max)
-    else:
-        q = torch.pow(p_s, tau, out=u)                          # u: q * S
-        S = q.sum(-1, keepdim=True)
+    S = torch.ones_like(u_max) if tau == 1 else torch.linalg.vector_norm(p_s, tau, -1, keepdim=True) ** tau
     ce = tau * m.lse_u + S.log() - z_y
     sums = torch.stack([ce.sum(), kl.sum(), div.sum(), top1])
     if not need_grad:
         return sums, None
-    # the mix, written once: dL/dz_s = (1 - alpha) (q - onehot(y)) + alpha tau c g, in units of 1 / S per row
+    # the mix, written once: dL/dz_s = (1 - alpha) (q - onehot(y)) + alpha tau c g, in units of 1 / S per row:
+    # G = p_s^tau + k g - S onehot(y), k = r S, r = alpha tau c / (1 - alpha)
     if o.alpha == 1:
+        g = torch.sub(p_s, g.x, out=g.x) if isinstance(g, PsMinus) else g
         return sums, (g, torch.ones_like(S), o.tau * c, bound)
-    if g is not None and o.alpha > 0:
-        r = o.alpha * o.tau * c / (1 - o.alpha)
-        torch.addcmul(q, g, S * r, out=q)                       # q * S + r S g
-        bound = None if bound is None else 1 + abs(r) * bound
+    r = o.alpha * o.tau * c / (1 - o.alpha) if g is not None else 0.0
+    bound = None if bound is None else 1 + abs(r) * bound
+    if isinstance(g, PsMinus) and r > 0:  # G / -k = x - p_s (1 + p_s^(tau - 1) / k): two ops, g never written
+        k = S * r
+        y_k = 1 + 1 / k if tau == 1 else p_s if tau == 2 else torch.pow(p_s, tau - 1, out=u)
+        if tau != 1:
+            y_k = torch.addcdiv(torch.ones_like(k), y_k, k, out=u)
+        G = torch.addcmul(g.x, p_s, y_k, value=-1, out=g.x).scatter_add_(1, y, S / k)  # G / -k
+        return sums, (G, -1 / r, 1 - o.alpha, bound)
+    q = p_s if tau == 1 else torch.pow(p_s, tau, out=u)         # u: q * S
+    if r != 0:
+        torch.addcmul(q, g, S * r, out=q)                       # q * S + k g
     q.scatter_add_(1, y, -S)
     return sums, (q, S, 1 - o.alpha, bound)
 
