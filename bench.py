@@ -858,14 +858,14 @@ def bench_gpu(steps=20, limit_gb=14.0, batches=(12, 16, 24, 32, 48), device="cud
 
 
 def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
-    """Greedy generation by the teacher alone, the draft alone and the teacher with the draft (model.py's
-    speculative decoding), tokens/s side by side, at the KD-vs-CE experiment's sizes and at the real shapes
+    """Greedy generation by the teacher alone, the draft alone and the teacher with the draft (speculative.py),
+    tokens/s side by side, at the KD-vs-CE experiment's sizes and at the real shapes
     (Qwen2.5-0.5B drafted for by student-123m), random weights. Random drafts are never accepted, so the
-    speculative rows force the acceptance (speculative_accept replaced): all g drafts pass, or none. They measure
+    speculative rows force the acceptance (speculative.accept replaced): all g drafts pass, or none. They measure
     the cost ratio c and what a call costs around the models, not a real acceptance: eval.py measures that."""
     import dataclasses
 
-    import model as model_lib
+    import speculative
     from model import CONFIGS, ModelConfig, Transformer
 
     new_tokens, prompt_len, g, repeats = int(new_tokens), int(prompt_len), int(draft_len), int(repeats)
@@ -875,7 +875,7 @@ def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
                ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=128, intermediate_size=384, **exp)),
               "real: Qwen2.5-0.5B teacher, student-123m draft":
               tuple(dataclasses.replace(CONFIGS[k], max_seq_len=256) for k in ("qwen2.5-0.5b", "student-123m"))}
-    real_accept = model_lib.speculative_accept
+    real_accept = speculative.accept
 
     def forced(passes):  # every draft passes (passes=True) or none; then the teacher's argmax, as greedy would
         def accept(p, q, drafted):
@@ -894,12 +894,12 @@ def bench_spec(new_tokens=32, prompt_len=16, draft_len=4, repeats=2):
 
         def spec(key):
             def run():
-                model_lib.speculative_accept = forced(key == "all")
+                speculative.accept = forced(key == "all")
                 try:
                     stats[key] = {}
                     teacher.generate(prompt, new_tokens, 0.0, draft=draft, draft_len=g, stats=stats[key])
                 finally:
-                    model_lib.speculative_accept = real_accept
+                    speculative.accept = real_accept
             return run
 
         t = interleaved({"teacher": lambda: teacher.generate(prompt, new_tokens, 0.0),

@@ -5,7 +5,8 @@ The Qwen2 architecture in one file, for teacher (Qwen2.5-0.5B) and student; Qwen
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
   model(idx) gives the final hidden states; model.lm_head(h) the logits.
 - from_pretrained / save_pretrained: Hugging Face Qwen2/Qwen3 checkpoints (hf.py handles the files).
-- generate / stream: sampling with a KV cache; speculative decoding with a draft (the student).
+- generate / stream: sampling with a KV cache; with a draft model (the student), speculative
+  decoding (speculative.py).
 
 The distillation loss, which applies the heads itself a chunk of tokens at a time, is loss.py.
 
@@ -278,8 +279,10 @@ class Transformer(nn.Module):
         max_new_tokens = min(max_new_tokens, room)
         if draft is not None:
             sampling = (temperature, top_k, top_p)
-            return (yield from self._speculate(idx, max_new_tokens, sampling, eos_id, draft,
-                                               draft_len, {} if stats is None else stats))
+            from speculative import speculate
+
+            return (yield from speculate(self, draft, idx, max_new_tokens, sampling, eos_id,
+                                         draft_len, {} if stats is None else stats))
         dtype = self.embed_tokens.weight.dtype
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
@@ -303,51 +306,6 @@ class Transformer(nn.Module):
 
     def logits(self, h):  # float32 logits of h (float32 over float16 weights with fp32_residual)
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
-
-    def _speculate(self, idx, max_new_tokens, sampling, eos_id, draft, gamma, stats):
-        # Leviathan et al. (2023), p this model's distribution, q the draft's (Chen et al. swap the
-        # letters). A round: the draft proposes g tokens one by one; this model scores the last
-        # token and the g in one call; a prefix is kept, plus one token of its own, and both caches
-        # roll back to it. At a round's start this model's cache holds all of ctx but its last
-        # token, the draft's all but the last one or two.
-        if idx.size(0) != 1:
-            raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), "
-                             f"got {idx.size(0)}")
-        if draft.config.vocab_size != self.config.vocab_size:
-            raise ValueError(f"the draft's vocabulary has {draft.config.vocab_size} rows, "
-                             f"not {self.config.vocab_size}")
-        T, end, dev = idx.size(1), idx.size(1) + max_new_tokens, idx.device
-        cache = KVCache(self.config, 1, end, dev, self.embed_tokens.weight.dtype)
-        draft_end = min(end, draft.config.max_seq_len)
-        dcache = KVCache(draft.config, 1, draft_end, dev, draft.embed_tokens.weight.dtype)
-        if T > 1:
-            self(idx[:, :-1], cache)
-            if T <= draft.config.max_seq_len:  # else g stays 0: the prompt outruns the draft
-                draft(idx[:, :-1], dcache)
-        ctx = idx
-        while ctx.size(1) < end:
-            L = ctx.size(1)
-            draft_room = draft.config.max_seq_len - L + 1
-            g = max(0, min(gamma, end - L - 1, draft_room))  # near the ends: fewer, or none
-            x, drafted, q = ctx[:, dcache.pos:], [], []
-            for _ in range(g):
-                q.append(filtered_probs(draft.logits(draft(x, dcache)[:, -1]), *sampling))  # (1, V)
-                x = torch.multinomial(q[-1], 1)  # (1, 1); temperature 0: q is one-hot, x its argmax
-                drafted.append(x)
-            drafted = torch.cat([ctx[:, :0]] + drafted, dim=1)  # (1, g)
-            h = self(torch.cat([ctx[:, -1:], drafted], 1), cache)  # the last token and the g drafts
-            p = filtered_probs(self.logits(h), *sampling)
-            n, nxt = speculative_accept(p, torch.stack(q, 1) if g else p[:, :0], drafted)
-            n = n.item()
-            cache.pos, dcache.pos = L + n, min(dcache.pos, L + n)  # the rollback
-            counts = (("drafted", g), ("accepted", n), ("calls", 1))
-            stats.update({k: stats.get(k, 0) + v for k, v in counts})
-            new = torch.cat([drafted[:, :n], nxt[:, None]], dim=1)
-            for tok in new[0]:
-                yield tok[None]
-                if tok.item() == eos_id:
-                    return
-            ctx = torch.cat([ctx, new], dim=1)
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints (hf.py reads and writes the files)
@@ -408,24 +366,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1)[:, 0]
-
-
-def speculative_accept(p, q, drafted):
-    """Speculative decoding's rule for N rows at once: p (N, g + 1, V) the target's distributions,
-    q (N, g, V) the draft's, which drew drafted (N, g). -> (n, nxt), (N,) each: keep n drafts, then
-    emit nxt. A draft x passes with probability min(1, p(x) / q(x)); at the first rejection nxt is
-    drawn from max(0, p - q) renormalized, after g passes from p[g] (the bonus). Every emitted token
-    then follows p exactly."""
-    N, g = drafted.shape
-    px, qx = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :g], q))  # p(x), q(x): (N, g)
-    ok = torch.rand_like(qx) * qx < px  # u < p / q without dividing; never when p(x) = 0
-    n = ok.int().cumprod(dim=-1).sum(dim=-1)  # the accepted prefix
-    rows = torch.arange(N, device=p.device)
-    pn, qn = p[rows, n], F.pad(q, (0, 0, 0, 1))[rows, n]  # q is 0 at the bonus: the residual is p
-    residual = (pn - qn).clamp(min=0)
-    has_mass = residual.sum(-1, keepdim=True) > 0
-    residual = torch.where(has_mass, residual, pn)  # p = q up to rounding: p itself
-    return n, torch.multinomial(residual, 1)[:, 0]
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import make_model_dir
-from model import KVCache, ModelConfig, Transformer, filtered_probs, speculative_accept
+from model import KVCache, ModelConfig, Transformer, filtered_probs
+from speculative import accept as speculative_accept
 from test_sample import run_sample
 
 V = 16  # a tiny vocabulary: every id is drawn often enough to test the distribution
