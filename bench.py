@@ -262,7 +262,7 @@ def bench_loss(B=8, T=512, V=151_936, D_s=512, D_t=896, iters=2, chunk_size=256)
     table(["loss", "s / step", "tokens/s", "peak RSS GB", "time vs plain", "RSS vs plain", "loss value"],
           [[name, f"{r['time']:.2f}", f"{B * T / r['time']:.0f}", f"{r['rss'] / 1e9:.2f}",
             f"{r['time'] / ref['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x", f"{r['loss']:.6f}"]
-           for name, r in (("plain, full logits", ref), (f"distill_loss, chunk_size={chunk_size}", ours))])
+           for name, r in (("reference_loss, full logits", ref), (f"distill_loss, chunk_size={chunk_size}", ours))])
 
 
 class ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -548,7 +548,7 @@ def bench_step(B=1, T=512, steps=5, threads=(0, 1), chunk_size=128):
         times = run_child(step_pair, steps=steps, **args)
         rss = {side: run_child(step_side, side=side, **args)["rss"] for side in ("reference", "ours")}
         rows += [(name, n, times[side], rss[side], times["reference"], rss["reference"], peak) for name, side in (
-            ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, plain KL + CE", "reference"),
+            ("reference: transformers Qwen2ForCausalLM x 2 (sdpa), full logits, reference_loss", "reference"),
             ("ours: model.py hidden states + fused distill_loss", "ours"))]
     torch.set_num_threads(default_threads)
     print(f"B={B}, T={T}, float32, CPU ({machine()}); speed: both sides in one process, a step of each in turn, "
