@@ -12,11 +12,11 @@ from model import KVCache, filtered_probs
 
 
 def speculate(model, draft, idx, max_new_tokens, sampling, eos_id, gamma, stats):
-    """Yields model's next tokens for idx (1, T), one tensor (1,) each, drafted by draft g = gamma at a
-    time; stats counts drafted, accepted and model's calls. With p model's distribution and q the
-    draft's (Chen et al. swap the letters), a round: the draft proposes g tokens one by one; model
-    scores the last token and the g in one call; a prefix is kept, plus one token of model's own
-    (accept), and both KV caches roll back to it. At a round's start model's cache holds all of
+    """Yields model's next tokens for idx (1, T), one tensor (1,) each, drafted by draft g = gamma
+    at a time; stats counts drafted, accepted and model's calls. With p model's distribution and q
+    the draft's (Chen et al. swap the letters), a round: the draft proposes g tokens one by one;
+    model scores the last token and the g in one call; a prefix is kept, plus one token of model's
+    own (accept), and both KV caches roll back to it. At a round's start model's cache holds all of
     ctx but its last token, the draft's all but the last one or two."""
     if idx.size(0) != 1:
         raise ValueError(f"speculative decoding takes one sequence at a time (batch size 1), "
