@@ -259,7 +259,7 @@ def bench_loss(B=8, T=512, V=151_936, D_s=512, D_t=896, iters=2, chunk_size=256)
     print(f"forward + backward, B={B} T={T} V={V:,} D_s={D_s} D_t={D_t}, float32, CPU ({machine()}); each side "
           f"in its own process, median of {iters} after a warm-up; peak RSS of the whole process (inputs and "
           f"weights included)\n")
-    table(["loss", "s / step", "tokens/s", "peak RSS GB", "time vs plain", "RSS vs plain", "loss value"],
+    table(["loss", "s / step", "tokens/s", "peak RSS GB", "time vs reference", "RSS vs reference", "loss value"],
           [[name, f"{r['time']:.2f}", f"{B * T / r['time']:.0f}", f"{r['rss'] / 1e9:.2f}",
             f"{r['time'] / ref['time']:.2f}x", f"{r['rss'] / ref['rss']:.2f}x", f"{r['loss']:.6f}"]
            for name, r in (("reference_loss, full logits", ref), (f"distill_loss, chunk_size={chunk_size}", ours))])

@@ -122,8 +122,10 @@ class _Rows:  # per-row facts of a chunk, [C, 1] each: the max and argmax of u a
 # uv [2, C, V]: u and v, which it may overwrite; p_s = softmax(u), to be kept; free: its scratch buffers; g: one of
 # those buffers (or uv's), or PsMinus(x) for g = p_s - x, which the mix then never writes out (two passes fewer).
 
-class PsMinus(NamedTuple):
+
+class PsMinus(NamedTuple):  # g = p_s - x, given by x alone
     x: torch.Tensor
+
 
 def _forward_kl(uv, p_s, free, beta, m):
     u, v = uv
@@ -241,9 +243,11 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     bound = None if bound is None else 1 + abs(r) * bound
     if isinstance(g, PsMinus) and r > 0:  # G / -k = x - p_s (1 + p_s^(tau - 1) / k): two ops, g never written
         k = S * r
-        y_k = 1 + 1 / k if tau == 1 else p_s if tau == 2 else torch.pow(p_s, tau - 1, out=u)
-        if tau != 1:
-            y_k = torch.addcdiv(torch.ones_like(k), y_k, k, out=u)
+        if tau == 1:
+            y_k = 1 + 1 / k                                     # [C, 1]
+        else:  # 1 + p_s^(tau - 1) / k, in u (at tau = 2 one pass: p_s itself, no power)
+            base = p_s if tau == 2 else torch.pow(p_s, tau - 1, out=u)
+            y_k = torch.addcdiv(torch.ones_like(k), base, k, out=u)
         G = torch.addcmul(g.x, p_s, y_k, value=-1, out=g.x).scatter_add_(1, y, S / k)  # G / -k
         return sums, (G, -1 / r, 1 - o.alpha, bound)
     q = p_s if tau == 1 else torch.pow(p_s, tau, out=u)         # u: q * S
