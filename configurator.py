@@ -15,7 +15,7 @@ then checks the values, before anything is loaded: the first setting out of rang
 line that names it, its value and what is allowed.
 
 Also what the scripts share around their settings: die(), interrupts, progress lines, the device
-and its processes (torchrun), and the GPUs' peak FLOP/s for distill.py's MFU.
+and its processes (torchrun), the GPUs' peak FLOP/s for distill.py's MFU, and its log (RunLog).
 """
 
 import ast
@@ -335,3 +335,38 @@ class progress:
         if self.bar is not None:
             return self.bar.close()
         self.line(end=f", done in {self.clock() - self.start:.0f} s")
+
+
+class RunLog:
+    """A training run's rows: on rank 0 each is a line on stdout, a JSON line appended to log.jsonl
+    and, with wandb (wandb.init's arguments), a Weights & Biases step. Opening it writes log.jsonl
+    anew with `rows` (a resume's rows up to its checkpoint), through a temporary name."""
+
+    def __init__(self, path, rows=(), master=True, wandb=None):
+        import json
+
+        self.path, self.master, self.wandb, self.dumps = path, master, None, json.dumps
+        if not master:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(self.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+        if wandb is not None:
+            try:
+                import wandb as wb
+            except ImportError:
+                die("wandb_log=True needs wandb: pip install wandb")
+            wb.init(**wandb)
+            self.wandb = wb
+
+    def __call__(self, row):  # eval rows have val_ce, train rows loss; None values are not printed
+        if not self.master:
+            return
+        print(("eval " if "val_ce" in row else "iter ") + f"{row['iter']}: " +
+              ", ".join(f"{k} {v:.0f}" if abs(v) >= 1e4 else f"{k} {v:.4g}"
+                        for k, v in row.items() if k != "iter" and v is not None), flush=True)
+        with open(self.path, "a") as f:
+            f.write(self.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["iter"])

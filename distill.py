@@ -17,14 +17,13 @@ eval, on Ctrl-C and at the end; init_from="resume" continues exactly) and at the
 Hugging Face directory with the tokenizer.
 """
 
-import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
 import prune
-from configurator import (DEVICE, at_least, between, check, check_bfloat16, check_torch,
+from configurator import (DEVICE, RunLog, at_least, between, check, check_bfloat16, check_torch,
                           check_writable, configure, die, init_processes, one_line_interrupts,
                           one_of, peak_mem_gb, stop_requests, time_at_peak)
 from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
@@ -139,13 +138,7 @@ if min_lr > learning_rate:
 ddp, rank, local_rank, world_size, device = init_processes(device)  # torchrun's, or this one
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 master = rank == 0
-
-
-def print0(*args, **kw):
-    if master:
-        print(*args, **kw, flush=True)
-
-
+print0 = partial(print, flush=True) if master else (lambda *args, **kw: None)  # rank 0 only
 one_line_interrupts()  # until the loop, which takes Ctrl-C over: a checkpoint, then stop
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
@@ -249,8 +242,8 @@ if init_from == "resume":
     print0(f"resuming {ckpt_path} at iter {ckpt['iter_num']}", *report, sep="\n")
 
 # -----------------------------------------------------------------------------
-# the teacher: online (model.py, frozen) or its sampled cache (cache.py). teacher_side() gives the
-# loss whichever it is.
+# the teacher: online (model.py, frozen) or its sampled cache (cache.py); loss_fn (below) takes
+# whichever it is
 
 cache_meta, cache_state = None, None
 if teacher_cache:  # checked against what it was built from, before anything loads; built when used
@@ -271,15 +264,6 @@ if teacher is not None and (cache_state != "complete" or init_from == "prune"):
     tcfg = teacher_model.config
 elif cache_state == "complete":  # the teacher is not loaded: its shape comes from the cache
     tcfg = ModelConfig(**cache.teacher_config(teacher_cache))
-
-
-def teacher_side(x, sparse):
-    """What distill_loss takes of the teacher for a batch: its hidden states and head (online), the
-    cache's sampled teacher (sparse), or nothing (CE only)."""
-    if teacher_model is None:
-        return {"h_t": None, "w_t": None, "sparse": sparse}
-    with torch.no_grad():
-        return {"h_t": teacher_model(x), "w_t": teacher_model.lm_head.weight, "sparse": None}
 
 
 # -----------------------------------------------------------------------------
@@ -331,12 +315,7 @@ if tcache is not None and teacher_model is not None:  # it built the cache (or p
 # -----------------------------------------------------------------------------
 # optimizer, GradScaler, the rest of the checkpoint
 
-params = [p for p in raw_model.parameters() if p.requires_grad]
-decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not biases and norms
-no_decay = [p for p in params if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=True)  # one kernel
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16's small range
 iter_num, data_pos, best_val_ce = 0, (0, 0), float("inf")
 if ckpt is not None:
@@ -359,25 +338,7 @@ if ddp:
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 # -----------------------------------------------------------------------------
-# the loop's helpers: checkpoint, schedule, loss, evaluation, logging
-
-def save_checkpoint():
-    if not master or not save:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
-            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
-            "meta": meta, "world_size": world_size,
-            # nothing random runs after the init (the data order comes from seed + epoch), but
-            # a future dropout or sampling step would need these
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
-    torch.save(ckpt, ckpt_path + ".tmp")  # a kill during the write leaves the old checkpoint whole
-    os.replace(ckpt_path + ".tmp", ckpt_path)
-
+# the loop's helpers: schedule, loss, sums over processes, health checks, log, MFU, stop requests
 
 def get_lr(it):  # linear warmup ((it + 1) / (warmup + 1): step 0 moves), cosine to min_lr, min_lr
     if it < warmup_iters:
@@ -388,15 +349,24 @@ def get_lr(it):  # linear warmup ((it + 1) / (warmup + 1): step 0 moves), cosine
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def loss_fn(h_s, y, normalizer, side):
+def loss_fn(h_s, x, y, sparse, normalizer):
+    """distill_loss of the student's hidden states h_s against the teacher on x: online (its hidden
+    states and head, run here without gradients), the cache's sampled teacher (sparse), or none (CE
+    only) -> (loss, stats with bad_teacher: a non-finite teacher output, h_t or None)."""
+    h_t = w_t = None
+    if teacher_model is not None:
+        with torch.no_grad():
+            h_t, w_t = teacher_model(x), teacher_model.lm_head.weight
     # under autocast the loss runs the student's head products in dtype (float32 results), its
     # softmaxes, KL and CE in float32. It applies both heads itself, a chunk of tokens at a time;
     # the student's head is tied to its embedding (the same tensor)
     with autocast:
-        return distill_loss(h_s, raw_model.lm_head.weight, side["h_t"], side["w_t"], y, alpha=alpha,
-                            temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
-                            chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer,
-                            sparse=side["sparse"], compile=compile)
+        loss, s = distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha,
+                               temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
+                               chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer,
+                               sparse=sparse, compile=compile)
+    s["bad_teacher"] = torch.zeros((), device=device) if h_t is None else ~torch.isfinite(h_t).all()
+    return loss, s, h_t
 
 
 def all_reduce(stats):
@@ -417,77 +387,10 @@ def check_finite(what, value, bad_teacher):
             ("" if dtype == "float32" else ", or try --dtype=float32"))
 
 
-teacher_val_ce = None  # computed at the first eval of a run, logged once
-
-
-@torch.no_grad()
-def evaluate():
-    """Val CE, forward KL and top-1 agreement with the teacher, token-weighted over the fixed val
-    windows, summed over processes. normalizer=1 makes distill_loss's stats plain sums."""
-    global teacher_val_ce
-    keys = ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")
-    sums = {k: torch.zeros((), device=device) for k in keys}
-    for i in range(0, len(my_val_windows), batch_size):
-        x, y, sparse = load_windows("val", my_val_windows[i:i + batch_size])
-        with autocast:
-            h_s = model(x)  # no dropout: train and eval modes are the same
-        side = teacher_side(x, sparse)
-        _, s = loss_fn(h_s, y, 1.0, side)
-        for k in s.keys() & sums.keys():
-            sums[k] += s[k]
-        if side["h_t"] is not None:
-            sums["bad_teacher"] += (~torch.isfinite(side["h_t"])).any()
-        if teacher_val_ce is not None:
-            continue
-        if sparse is not None:  # the cache holds the teacher's CE on each label
-            sums["teacher_ce"] += sparse["ce"][y != -100].sum()
-        elif side["h_t"] is not None:
-            sums["teacher_ce"] += distill_loss(side["h_t"], side["w_t"], None, None, y, alpha=0.0,
-                                               vocab_size=vocab_size, chunk_size=kd_chunk_size,
-                                               normalizer=1.0)[1]["ce"]
-    r = all_reduce(sums)
-    check_finite("val_ce", r["ce"], r["bad_teacher"])
-    n, has_teacher = r["n"], teacher is not None  # online or from the cache
-    row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
-           "val_kl": r["kl"] / n if has_teacher else None,
-           "val_top1": r["top1"] / n if has_teacher else None}
-    if has_teacher and teacher_val_ce is None:
-        teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
-        if tcache is not None:
-            row["kl_estimated"] = True  # from the cache's samples: unbiased, not exact
-    return row
-
-
-# logging: a line per log_interval on rank 0, and the same as JSON in out_dir/log.jsonl
-class NoLogger:
-    def log(self, row, step=None):
-        pass
-
-
-logger = NoLogger()
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(log_path + ".tmp", "w") as f:  # rows of iterations that will run again are dropped
-        f.writelines(json.dumps(r) + "\n" for r in log_rows)
-    os.replace(log_path + ".tmp", log_path)
-    if wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            die("wandb_log=True needs wandb: pip install wandb")
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        logger = wandb
-
-
-def log_row(row):  # eval rows have val_ce, train rows loss
-    if master:
-        print(("eval " if "val_ce" in row else "iter ") + f"{row['iter']}: " +
-              ", ".join(f"{k} {v:.0f}" if abs(v) >= 1e4 else f"{k} {v:.4g}"
-                        for k, v in row.items() if k != "iter" and v is not None), flush=True)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        logger.log(row, step=row["iter"])
-
+# rows: a line each on rank 0 and the same as JSON in log.jsonl, where the rows of iterations
+# that run again are dropped
+log = RunLog(log_path, log_rows, master,
+             dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
 
 # MFU: each part of a token's FLOPs at the peak of the dtype it runs in (configurator.py's table):
 # the student's body and head (the loss's head products) in dtype, the teacher in teacher_dtype
@@ -509,13 +412,68 @@ print0(f"{max_iters} iterations of {tokens_per_iter:,} tokens ({batch_size} batc
        f"windows, {len(val_windows)} val windows; student {dtype}, teacher {teacher or 'none'} "
        f"{teacher_dtype}, {device}")
 batches = step_batches(data_pos)
-t_log, log_from = time.time(), iter_num
+t_log, log_from, stop, teacher_val_ce = time.time(), iter_num, False, None
 while True:
-    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at:
-        row = evaluate()
+    # every eval_interval iterations and at the end (not again where a resume starts): val CE,
+    # forward KL and top-1 agreement with the teacher, token-weighted over the fixed val windows
+    # and summed over processes (normalizer=1 makes distill_loss's stats plain sums); the teacher's
+    # own val CE once per run
+    evaluating = (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at
+    if evaluating:
+        keys = ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")
+        sums = {k: torch.zeros((), device=device) for k in keys}
+        for i in range(0, len(my_val_windows), batch_size):
+            x, y, sparse = load_windows("val", my_val_windows[i:i + batch_size])
+            with torch.no_grad():
+                with autocast:
+                    h_s = model(x)  # no dropout: train and eval modes are the same
+                _, s, h_t = loss_fn(h_s, x, y, sparse, 1.0)
+                if teacher_val_ce is None and h_t is not None:  # the teacher's own CE
+                    _, t = distill_loss(h_t, teacher_model.lm_head.weight, None, None, y, alpha=0.0,
+                                        vocab_size=vocab_size, chunk_size=kd_chunk_size,
+                                        normalizer=1.0)
+                    s["teacher_ce"] = t["ce"]
+            if teacher_val_ce is None and sparse is not None:  # the cache holds it for each label
+                s["teacher_ce"] = sparse["ce"][y != -100].sum()
+            for k in keys & s.keys():
+                sums[k] += s[k]
+        r = all_reduce(sums)
+        check_finite("val_ce", r["ce"], r["bad_teacher"])
+        n, has_teacher = r["n"], teacher is not None  # online or from the cache
+        row = {"iter": iter_num, "val_ce": r["ce"] / n, "val_ppl": math.exp(min(r["ce"] / n, 700)),
+               "val_kl": r["kl"] / n if has_teacher else None,
+               "val_top1": r["top1"] / n if has_teacher else None}
+        if has_teacher and teacher_val_ce is None:
+            teacher_val_ce = row["teacher_val_ce"] = r["teacher_ce"] / n
+            if tcache is not None:
+                row["kl_estimated"] = True  # from the cache's samples: unbiased, not exact
         best_val_ce = min(best_val_ce, row["val_ce"])  # the best so far, never a worse value
-        log_row(row)
-        save_checkpoint()
+        log(row)
+
+    # the checkpoint, after each eval and on a stop request; written to a temporary name, then
+    # renamed: a kill during the write leaves the old one whole
+    if (evaluating or stop) and master and save:
+        ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
+                "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
+                "meta": meta, "world_size": world_size,
+                # nothing random runs after the init (the data order comes from seed + epoch), but
+                # a future dropout or sampling step would need these
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device)
+                        if device_type == "cuda" else None}}
+        os.makedirs(out_dir, exist_ok=True)
+        torch.save(ckpt, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+    if stop:
+        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings "
+               f"and --init_from=resume")
+        if ddp:
+            dist.barrier()  # the others wait for rank 0's checkpoint
+            dist.destroy_process_group()
+        sys.exit(130)
+    if evaluating:
         t_log, log_from = time.time(), iter_num  # the eval's time is no training time
     if iter_num >= max_iters:
         break
@@ -536,22 +494,20 @@ while True:
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
             h_s = train_model(x)  # (B, T, D_s) after the final norm
-        side = teacher_side(x, sparse)
-        if side["h_t"] is not None:
-            stats["bad_teacher"] += (~torch.isfinite(side["h_t"])).any()
-        loss, s = loss_fn(h_s, y, normalizer, side)
+        loss, s, _ = loss_fn(h_s, x, y, sparse, normalizer)
         scaler.scale(loss).backward()
         stats["loss"] += loss.detach()
-        stats["ce"] += s["ce"]
-        stats["kl"] += s["kl"]
+        for k in ("ce", "kl", "bad_teacher"):
+            stats[k] += s[k]
     data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
     batches = step_batches(data_pos)  # the next step's, read while the GPU still works on this one
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                               grad_clip if grad_clip > 0 else float("inf"))
     # one all-reduce and one host sync per step: the logged numbers, the health checks and the stop
     # request; loss, ce, kl and grad_norm are the same mean on every process once / world_size
-    stop = torch.full((), float(stop_requested()), device=device)
-    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=stop))
+    asked = torch.full((), float(stop_requested()), device=device)
+    r = all_reduce(dict(stats, grad_norm=grad_norm, stop=asked))
     for k in ("loss", "ce", "kl", "grad_norm"):
         r[k] /= world_size
     check_finite("loss", r["loss"], r["bad_teacher"])
@@ -563,21 +519,14 @@ while True:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
         mem, reserved = peak_mem_gb(device)
-        log_row({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
-                 "kl": r["kl"] if teacher is not None else None, "lr": lr,
-                 "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
-                 "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None,
-                 "peak_mem_gb": mem, "peak_reserved_gb": reserved})
+        log({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
+             "kl": r["kl"] if teacher is not None else None, "lr": lr,
+             "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
+             "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None,
+             "peak_mem_gb": mem, "peak_reserved_gb": reserved})
         t_log, log_from = time.time(), iter_num + 1
     iter_num += 1
-    if r["stop"]:
-        save_checkpoint()
-        print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings "
-               f"and --init_from=resume")
-        if ddp:
-            dist.barrier()  # the others wait for rank 0's checkpoint
-            dist.destroy_process_group()
-        sys.exit(130)
+    stop = bool(r["stop"])  # checkpointed, then stopped, at the top of the loop
 
 # -----------------------------------------------------------------------------
 # the end: the student as a Hugging Face directory, with the tokenizer

@@ -235,6 +235,14 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
+        """AdamW, its weight decay on the matrices and embeddings only (not on biases and norms);
+        fused: one kernel steps every parameter."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+
     def flops_per_token(self, seq_len, backward=True):
         """Matmul FLOPs per token as (body, head): 2 per weight forward, 4 more backward, plus
         attention's scores and weighted sum, none for the embedding lookup. Two parts: distill_loss
