@@ -3,16 +3,16 @@ nanoGPT's configurator, made strict. A script defines its settings as plain glob
 
     config = configure(globals())
 
-which applies, in order, config files given as plain arguments (`config/t4.py`, found from the working
-directory or else from this repository) and `--key=value` flags. Unknown keys are an error that names the
-nearest known key; an int is accepted for a float; `None` can be given to any key, and any value to a key
-whose default is None; values may contain `=`. Returns the final settings as a dict. `--help` prints the
-script's settings block, comments and all.
+which applies, in order, config files given as plain arguments (`config/t4.py`, found from the
+working directory or else from this repository) and `--key=value` flags. Unknown keys are an error
+that names the nearest known key; an int is accepted for a float; `None` can be given to any key,
+and any value to a key whose default is None; values may contain `=`. Returns the final settings as
+a dict. `--help` prints the script's settings block, comments and all.
 
     check(config, {"alpha": between(0, 1), "kd_kind": one_of("forward_kl", "jsd"), ...})
 
-then checks the values, before anything is loaded: the first setting out of range stops the script with one
-line that names it, its value and what is allowed.
+then checks the values, before anything is loaded: the first setting out of range stops the script
+with one line that names it, its value and what is allowed.
 
 Also what the scripts share around their settings: die(), interrupts, progress lines, the device
 and its processes (torchrun), the GPUs' peak FLOP/s for distill.py's MFU, and its log (RunLog).
@@ -31,12 +31,13 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     script = os.path.basename(sys.argv[0]) or "config"
-    keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
+    kinds = (int, float, str, type(None))
+    keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, kinds)]
 
     def fail(msg):
         error(f"{script}: error: {msg}")
 
-    if "-h" in argv or "--help" in argv:  # the settings document themselves: print that part of the script
+    if "-h" in argv or "--help" in argv:  # the settings document themselves: print that part
         with open(g["__file__"], encoding="utf-8") as f:
             lines = f.read().splitlines()
         end = next(i for i, line in enumerate(lines) if line.startswith("config = configure("))
@@ -48,8 +49,8 @@ def configure(g, argv=None):
     def check(key, value, where):
         if key not in keys:
             near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-            fail(f"unknown setting {key!r} in {where}" + (f"; did you mean {near[0]!r}?" if near else
-                                                              f"; known: {', '.join(sorted(keys))}"))
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(sorted(keys))}"
+            fail(f"unknown setting {key!r} in {where}" + hint)
         default = g[key]
         if value is None or default is None or type(value) is type(default):
             return value
@@ -63,8 +64,10 @@ def configure(g, argv=None):
         if not arg.startswith("--"):  # a config file
             path = arg if os.path.exists(arg) else os.path.join(REPO, arg)
             if not os.path.exists(path):
-                looked = [os.getcwd()] + ([REPO] if os.path.realpath(os.getcwd()) != os.path.realpath(REPO) else [])
-                shipped = [os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "config", "*.py"))]
+                here_is_repo = os.path.realpath(os.getcwd()) == os.path.realpath(REPO)
+                looked = [os.getcwd()] + ([] if here_is_repo else [REPO])
+                shipped = [os.path.relpath(p, REPO)
+                           for p in glob.glob(os.path.join(REPO, "config", "*.py"))]
                 near = difflib.get_close_matches(arg, shipped, n=1, cutoff=0.5)
                 fail(f"no config file {arg} (looked in {' and '.join(looked)})"
                      + (f"; did you mean {near[0]}?" if near else ""))
@@ -100,7 +103,8 @@ def one_of(*values):
 
 
 def at_least(lo, or_none=False):
-    return (lambda v: (or_none and v is None) or v >= lo), f">= {lo}" + (" or None" if or_none else "")
+    allowed = f">= {lo}" + (" or None" if or_none else "")
+    return (lambda v: (or_none and v is None) or v >= lo), allowed
 
 
 def between(lo, hi, ends="[]"):  # ends: "[]" closed, "()" open, "[)" ...
@@ -125,7 +129,8 @@ def error(msg):  # one line and exit status 1; under torchrun rank 0 alone print
 
 
 def die(msg):
-    """SCRIPT: error: msg, and exit status 1: the one way every script stops on bad input (no traceback)."""
+    """SCRIPT: error: msg, and exit status 1: the one way every script stops on bad input (no
+    traceback)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -133,8 +138,8 @@ def die(msg):
 
 
 def check_writable(folder, setting):
-    """die() unless folder is, or can be made, a writable folder; creates nothing (a failed run leaves no empty
-    folder behind)."""
+    """die() unless folder is, or can be made, a writable folder; creates nothing (a failed run
+    leaves no empty folder behind)."""
     parent = os.path.abspath(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -149,18 +154,18 @@ def check_writable(folder, setting):
 
 
 def one_line_interrupts(what="rerun the same command"):
-    """From here on Ctrl-C and SIGTERM end the script with one line and exit status 130, not a traceback. For
-    phases that rename their files into place only when whole, so that nothing half-written is taken as complete
-    (the cache build's part files stay until the rerun builds again). what: the way on, or a function that says
-    it at the moment of the interrupt."""
+    """From here on Ctrl-C and SIGTERM end the script with one line and exit status 130, not a
+    traceback. For phases that rename their files into place only when whole, so that nothing
+    half-written is taken as complete (the cache build's part files stay until the rerun builds
+    again). what: the way on, or a function that says it at the moment of the interrupt."""
     import signal
 
     def hook(kind, value, tb):
         if not issubclass(kind, KeyboardInterrupt):
             return sys.__excepthook__(kind, value, tb)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written is taken as complete: "
-                  f"{what() if callable(what) else what}", file=sys.stderr, flush=True)
+            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written is taken as "
+                  f"complete: {what() if callable(what) else what}", file=sys.stderr, flush=True)
         os._exit(130)
 
     def interrupt(signum, frame):
@@ -190,15 +195,16 @@ def stop_requests(what):
 
 
 # the device setting of every script: the rule for check(), then check_device once torch is imported
-DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)), "cpu, cuda or cuda:N (mps and others are not supported)"
+DEVICE = ((lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)),
+          "cpu, cuda or cuda:N (mps and others are not supported)")
 
 
 def check_device(device):
     import torch
 
     if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA device(s); use "
-            f"--device=cpu")
+        die(f"device={device}, but this machine has {torch.cuda.device_count() or 'no'} CUDA "
+            f"device(s); use --device=cpu")
 
 
 def init_processes(device):
@@ -222,6 +228,19 @@ def init_processes(device):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return ddp, rank, local_rank, world_size, device
+
+
+def end_processes():
+    """The end of a torchrun run: each process waits for the others (rank 0's last files), then the
+    process group goes. The caller drops its DDP wrapper first: one still alive holds the group,
+    and at exit gloo then aborts a process now and then (SIGABRT)."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # the wrapper's reducer, and with it the group's last reference
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def check_bfloat16(device, **dtypes):
@@ -280,23 +299,27 @@ def time_at_peak(device, parts):
     return sum(f / peaks[d] for f, d in parts)
 
 
-TORCH_FLOOR = (2, 8)  # torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8
+# torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8
+TORCH_FLOOR = (2, 8)
 
 
 def check_torch():
-    """A torch below the floor (requirements.txt) stops a run at its first line, not with a TypeError mid-run."""
+    """A torch below the floor (requirements.txt) stops a run at its first line, not with a
+    TypeError mid-run."""
     import torch
 
     if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < TORCH_FLOOR:
         floor = ".".join(map(str, TORCH_FLOOR))
-        die(f"torch {torch.__version__} is installed; this code needs torch >= {floor} (pip install 'torch>={floor}')")
+        die(f"torch {torch.__version__} is installed; this code needs torch >= {floor} "
+            f"(pip install 'torch>={floor}')")
 
 
 class progress:
-    """A long phase's progress: tqdm (on stderr) when stdout and stderr are a terminal; elsewhere (Colab's !python,
-    a log file, a pipe), where tqdm would print nothing or a wall of carriage returns, a plain line on stdout, with
-    the script's other lines, after the first update and then every `every` seconds: done, rate, ETA. stderr keeps
-    only errors, so a failure or an interrupt is still one line there.
+    """A long phase's progress: tqdm (on stderr) when stdout and stderr are a terminal; elsewhere
+    (Colab's !python, a log file, a pipe), where tqdm would print nothing or a wall of carriage
+    returns, a plain line on stdout, with the script's other lines, after the first update and then
+    every `every` seconds: done, rate, ETA. stderr keeps only errors, so a failure or an interrupt
+    is still one line there.
 
         bar = progress(total, "teacher cache", unit="tokens")
         bar.update(n); ...; bar.close()
@@ -313,23 +336,26 @@ class progress:
             self.update = self.close = lambda *a, **k: None
         elif terminal:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=sys.stderr, unit_scale=True)
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, file=sys.stderr,
+                            unit_scale=True)
 
     def update(self, n=1):
         first, self.n = self.n == 0, self.n + n
         if self.bar is not None:
             return self.bar.update(n)
-        if first or self.clock() - self.last >= self.every:  # the first line gives a rough ETA early
+        if first or self.clock() - self.last >= self.every:  # the first line: a rough ETA, early
             self.last = self.clock()
             self.line()
 
     def line(self, end=""):
         took = self.clock() - self.start
         rate = self.n / took if took > 0 else 0.0
-        eta = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.total and self.n < self.total and \
-            not end else ""  # the last line: a total that was an estimate leaves nothing "left"
+        # the last line (end): a total that was an estimate leaves nothing "left"
+        going = rate and self.total and self.n < self.total and not end
+        eta = f", {(self.total - self.n) / rate:.0f} s left" if going else ""
         done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
-        print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{end}", file=self.file, flush=True)
+        print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{end}",
+              file=self.file, flush=True)
 
     def close(self):
         if self.bar is not None:

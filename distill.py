@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cache
 import prune
 from configurator import (DEVICE, RunLog, at_least, between, check, check_bfloat16, check_torch,
-                          check_writable, configure, die, init_processes, one_line_interrupts,
-                          one_of, peak_mem_gb, stop_requests, time_at_peak)
+                          check_writable, configure, die, end_processes, init_processes,
+                          one_line_interrupts, one_of, peak_mem_gb, stop_requests, time_at_peak)
 from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
                 resume_log)
 from loss import KD_KINDS, distill_loss
@@ -469,9 +469,9 @@ while True:
     if stop:
         print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings "
                f"and --init_from=resume")
-        if ddp:
-            dist.barrier()  # the others wait for rank 0's checkpoint
-            dist.destroy_process_group()
+        if ddp:  # the others wait for rank 0's checkpoint
+            train_model = None  # DDP holds the process group: let go of it first
+            end_processes()
         sys.exit(130)
     if evaluating:
         t_log, log_from = time.time(), iter_num  # the eval's time is no training time
@@ -541,6 +541,6 @@ if master and save:
     raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
     print(f"exported the student at iter {iter_num} (its last weights) to {hf_dir}; the best "
           f"val_ce was {best_val_ce:.4f}", flush=True)
-if ddp:
-    dist.barrier()  # the others wait for rank 0's export
-    dist.destroy_process_group()
+if ddp:  # the others wait for rank 0's export
+    train_model = None  # DDP holds the process group: let go of it first
+    end_processes()

@@ -1,13 +1,15 @@
 """
-Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the hub, and
-distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict / save_pretrained
-come through here.
+Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the
+hub, and distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict /
+save_pretrained come through here.
 
 - resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
-- config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is not implemented.
+- config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is
+  not implemented.
 - read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
 - model_from_state_dict: a Transformer holding given tensors, their names and shapes checked.
-- load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the data's ids?
+- load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the
+  data's ids?
 - load_teacher: distill.py's teacher, checked against the data, or a one-line error.
 - load_checkpoint: distill.py's ckpt.pt, or a one-line error.
 """
@@ -21,87 +23,104 @@ import torch
 
 from model import ModelConfig, Transformer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
-def atomic_write(path, write):  # write(tmp) fills a temporary name, then it is renamed: never half a file
+def atomic_write(path, write):
+    # write(tmp) fills a temporary name, then it is renamed: never half a file
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
 
 
 def resolve_pretrained(name, patterns=("*.json", "*.safetensors")):
-    """A local directory as it is; otherwise a hub id such as "Qwen/Qwen2.5-0.5B", whose files matching patterns
-    are downloaded once (the Hugging Face cache): returns that directory. Models and tokenizers alike."""
+    """A local directory as it is; otherwise a hub id such as "Qwen/Qwen2.5-0.5B", whose files
+    matching patterns are downloaded once (the Hugging Face cache): returns that directory. Models
+    and tokenizers alike."""
     if os.path.isdir(os.path.expanduser(name)):
         return os.path.expanduser(name)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"no directory {name} (and it is not a hub id like Qwen/Qwen2.5-0.5B)")
+        raise FileNotFoundError(f"no directory {name} "
+                                f"(and it is not a hub id like Qwen/Qwen2.5-0.5B)")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name, allow_patterns=list(patterns))
     except Exception as e:  # offline, unknown repo, gated: one line, and the way out
         raise FileNotFoundError(f"could not download {name} from the Hugging Face hub "
-                                f"({type(e).__name__}); offline, pass a local directory instead") from None
+                                f"({type(e).__name__}); offline, "
+                                f"pass a local directory instead") from None
 
 
 def config_from_hf(hf, path="config.json", max_seq_len=None):
-    """A Qwen2 or Qwen3 config.json (dict) -> ModelConfig; a ValueError names what this file does not implement.
-    max_seq_len: the longest sequence the model will run, if less than max_position_embeddings."""
+    """A Qwen2 or Qwen3 config.json (dict) -> ModelConfig; a ValueError names what this
+    file does not implement. max_seq_len: the longest sequence the model will run, if less
+    than max_position_embeddings."""
     kind = hf.get("model_type")
     if kind in ("deepseek_v2", "deepseek_v3"):
-        raise ValueError(f"{path}: model_type {kind!r}: DeepSeek's MLA attention and MoE are not implemented here; "
-                         f"DeepSeek's distilled Qwen models (deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, ...) "
-                         f"are Qwen2 and load")
+        raise ValueError(f"{path}: model_type {kind!r}: DeepSeek's MLA attention and MoE are not "
+                         f"implemented here; DeepSeek's distilled Qwen models "
+                         f"(deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, ...) are Qwen2 and load")
     if kind not in ("qwen2", "qwen3"):
         raise ValueError(f"{path}: model_type {kind!r}: only 'qwen2' and 'qwen3' models load here "
                          f"(Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
-    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # transformers 5 writes the latter
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}: "
+                         f"only silu (SwiGLU) is implemented")
+    # transformers 5 writes the latter
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope = hf.get(field) or {}
     scaling = rope.get("rope_type", rope.get("type", "default"))  # "type": the older spelling
     if scaling != "default":
-        raise ValueError(f"{path}: {field} asks for {scaling!r} RoPE scaling, which is not implemented; "
+        raise ValueError(f"{path}: {field} asks for {scaling!r} RoPE scaling, "
+                         f"which is not implemented; "
                          f"remove it from config.json to run within the trained context")
     n_layer, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings", 32768)
     max_len = min(max_len, max_seq_len or max_len)
-    # transformers slides layer i if layer_types says so, else if i >= max_window_layers; a window as long as the
-    # sequence changes nothing
+    # transformers slides layer i if layer_types says so, else if i >= max_window_layers; a window
+    # as long as the sequence changes nothing
     window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
     slides = ("sliding_attention" in hf["layer_types"] if hf.get("layer_types")
               else n_layer > hf.get("max_window_layers", 28))
     if window is not None and window < max_len and slides:
-        raise ValueError(f"{path}: use_sliding_window with sliding_window={window} < {max_len} tokens: sliding-window "
-                         f"attention is not implemented; load with max_seq_len <= {window}")
+        raise ValueError(f"{path}: use_sliding_window with sliding_window={window} < {max_len} "
+                         f"tokens: sliding-window attention is not implemented; "
+                         f"load with max_seq_len <= {window}")
     qwen3 = kind == "qwen3"
     bias = hf.get("attention_bias", False)  # Qwen3 only: q, k, v and o alike
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=heads,
         n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hidden,
-        head_dim=hf.get("head_dim") or (128 if qwen3 else hidden // heads),  # Qwen3Config's default is 128
+        # Qwen3Config's default is 128
+        head_dim=hf.get("head_dim") or (128 if qwen3 else hidden // heads),
         intermediate_size=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        rope_theta=float(hf.get("rope_theta")
+                         or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # transformers' Qwen2/Qwen3 default
+        # transformers' Qwen2/Qwen3 default
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=max_len,
-        qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3, model_type=kind)
+        qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3,
+        model_type=kind)
 
 
 def config_to_hf(cfg, dtype):
-    """ModelConfig -> the config.json that transformers' AutoModelForCausalLM loads as Qwen2 or Qwen3."""
+    """ModelConfig -> the config.json that transformers' AutoModelForCausalLM loads as Qwen2
+    or Qwen3."""
     qwen3 = cfg.model_type == "qwen3"
-    # the only layouts transformers knows; it would load any other with weights dropped or randomly filled
+    # the only layouts transformers knows; it would load any other with weights dropped or
+    # randomly filled
     fits = {"qwen2": cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm,
             "qwen3": cfg.qk_norm and cfg.qkv_bias == cfg.o_bias}.get(cfg.model_type)
     if not fits:
-        raise ValueError(f"model_type {cfg.model_type!r} has no Hugging Face layout with qk_norm={cfg.qk_norm}, "
-                         f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+        raise ValueError(f"model_type {cfg.model_type!r} has no Hugging Face layout with "
+                         f"qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
     hf = {
-        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"], "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
+        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
@@ -115,8 +134,9 @@ def config_to_hf(cfg, dtype):
 
 
 def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """A Hugging Face directory or hub id -> (ModelConfig, {our name: tensor in dtype on device}, directory).
-    max_seq_len, the longest sequence the model will run, caps max_position_embeddings."""
+    """A Hugging Face directory or hub id -> (ModelConfig, {our name: tensor in dtype
+    on device}, directory). max_seq_len, the longest sequence the model will run,
+    caps max_position_embeddings."""
     from safetensors.torch import load_file
 
     path = resolve_pretrained(path)
@@ -131,14 +151,15 @@ def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
+        raise FileNotFoundError(f"{path} has no model.safetensors "
+                                f"(or model.safetensors.index.json)")
     sd = {}
     for name in files:
         try:
             tensors = load_file(os.path.join(path, name), device=str(device))
         except Exception as e:  # a download cut short, a full disk: safetensors' own error types
-            raise ValueError(f"{os.path.join(path, name)} is damaged and cannot be read ({e}); download it "
-                             f"again") from None
+            raise ValueError(f"{os.path.join(path, name)} is damaged and cannot be read ({e}); "
+                             f"download it again") from None
         for k, t in tensors.items():
             if not k.endswith("rotary_emb.inv_freq"):  # old exports carry it
                 sd[k.removeprefix("model.")] = t.to(dtype)
@@ -173,8 +194,8 @@ def model_from_state_dict(config, sd, device="cpu", where="state dict"):
 
 
 def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
-    """config.json and model.safetensors that transformers loads (plus the tokenizer's files when tokenizer_dir is
-    given), each written to a temporary name, then renamed."""
+    """config.json and model.safetensors that transformers loads (plus the tokenizer's files when
+    tokenizer_dir is given), each written to a temporary name, then renamed."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -195,16 +216,18 @@ def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
         if os.path.exists(src):
             atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
     if tokenizer_dir and (auto := auto_tokenizer_differs(out_dir)):
-        print(f"note: AutoTokenizer.from_pretrained({out_dir!r}) builds transformers' {auto}, which encodes text "
-              f"into other ids than this tokenizer.json; load it with PreTrainedTokenizerFast.from_pretrained("
-              f"{out_dir!r}), as hf.load_tokenizer does", file=sys.stderr)
+        print(f"note: AutoTokenizer.from_pretrained({out_dir!r}) builds transformers' {auto}, "
+              f"which encodes text into other ids than this tokenizer.json; load it with "
+              f"PreTrainedTokenizerFast.from_pretrained({out_dir!r}), as hf.load_tokenizer does",
+              file=sys.stderr)
 
 
 def auto_tokenizer_differs(hf_dir):
-    """The class name of AutoTokenizer.from_pretrained(hf_dir) if it encodes PROBE otherwise than tokenizer.json,
-    else None. transformers 5 maps any tokenizer beside a qwen2 config.json to Qwen2Tokenizer, which keeps the
-    vocabulary and merges but rebuilds Qwen2's normalizer and pre-tokenizer: a tokenizer of another pipeline
-    (GPT-2's, say) cannot be exported so that AutoTokenizer reads it as written."""
+    """The class name of AutoTokenizer.from_pretrained(hf_dir) if it encodes PROBE otherwise than
+    tokenizer.json, else None. transformers 5 maps any tokenizer beside a qwen2 config.json to
+    Qwen2Tokenizer, which keeps the vocabulary and merges but rebuilds Qwen2's normalizer and
+    pre-tokenizer: a tokenizer of another pipeline (GPT-2's, say) cannot be exported so that
+    AutoTokenizer reads it as written."""
     from transformers import AutoTokenizer
 
     try:
@@ -212,12 +235,14 @@ def auto_tokenizer_differs(hf_dir):
         auto = AutoTokenizer.from_pretrained(hf_dir)
     except Exception:  # transformers' many error types: no tokenizer to speak of
         return None
-    same = auto(PROBE, add_special_tokens=False)["input_ids"] == exact(PROBE, add_special_tokens=False)["input_ids"]
+    same = (auto(PROBE, add_special_tokens=False)["input_ids"]
+            == exact(PROBE, add_special_tokens=False)["input_ids"])
     return None if same else type(auto).__name__
 
 
 def special_token_ids(tokenizer_dir):
-    # eos/bos/pad ids for config.json, read from the tokenizer's files without importing transformers
+    # eos/bos/pad ids for config.json, read from the tokenizer's files without
+    # importing transformers
     ids = {}
     try:
         with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
@@ -234,17 +259,20 @@ def special_token_ids(tokenizer_dir):
     return ids
 
 
-# ordinary text a tokenizer must encode and decode back (Chinese, English, digits, punctuation, whitespace); also
-# the probe by which check_tokenizers compares the teacher's tokenizer with the data's
-PROBE = "维基百科是一个自由的百科全书。Wikipedia, the free encyclopedia: 2024年1月15日, 3.14 + 42 = 45.14!\n\t  「引号」（括号）"
+# ordinary text a tokenizer must encode and decode back (Chinese, English, digits, punctuation,
+# whitespace); also the probe by which check_tokenizers compares the teacher's tokenizer with
+# the data's
+PROBE = ("维基百科是一个自由的百科全书。Wikipedia, the free encyclopedia: "
+         "2024年1月15日, 3.14 + 42 = 45.14!\n\t  「引号」（括号）")
 
 
 def load_tokenizer(name):
-    """A fast tokenizer from a hub id or a local directory, and its EOS id: tokenizer.json exactly as it is written,
-    whatever class transformers would map it to. (AutoTokenizer beside a qwen2 config.json, an exported model,
-    rebuilds Qwen2's normalizer and pre-tokenizer around any vocabulary: another tokenizer's ids.) ValueError (one
-    line) if it cannot be loaded or cannot encode ordinary text: from a directory without tokenizer files
-    transformers builds an empty tokenizer, which would turn every document into nothing but its EOS."""
+    """A fast tokenizer from a hub id or a local directory, and its EOS id: tokenizer.json exactly
+    as it is written, whatever class transformers would map it to. (AutoTokenizer beside a qwen2
+    config.json, an exported model, rebuilds Qwen2's normalizer and pre-tokenizer around any
+    vocabulary: another tokenizer's ids.) ValueError (one line) if it cannot be loaded or cannot
+    encode ordinary text: from a directory without tokenizer files transformers builds an empty
+    tokenizer, which would turn every document into nothing but its EOS."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
@@ -255,17 +283,21 @@ def load_tokenizer(name):
         exact = os.path.exists(os.path.join(path, "tokenizer.json"))
         tok = (PreTrainedTokenizerFast if exact else AutoTokenizer).from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"cannot load tokenizer '{name}' ({type(e).__name__}: {first_line(e)}); is it a directory "
-                         f"with tokenizer.json, from tokenizer.save_pretrained(DIR)?") from None
+        raise ValueError(f"cannot load tokenizer '{name}' ({type(e).__name__}: {first_line(e)}); "
+                         f"is it a directory with tokenizer.json, "
+                         f"from tokenizer.save_pretrained(DIR)?") from None
     if not tok.is_fast:
-        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; use a directory with tokenizer.json")
+        raise ValueError(f"tokenizer '{name}' is not a fast tokenizer; "
+                         f"use a directory with tokenizer.json")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.get_vocab().get("<|endoftext|>")
     if eos is None:
         raise ValueError(f"tokenizer '{name}' has no EOS token and no <|endoftext|>")
     ids = tok(PROBE, add_special_tokens=False)["input_ids"]
-    if len(ids) < len(PROBE) // 8 or tok.unk_token_id in ids or tok.decode(ids).split() != PROBE.split():
-        raise ValueError(f"tokenizer '{name}' cannot encode ordinary text ({len(ids)} tokens for {len(PROBE)} "
-                         f"characters that do not decode back): is it a tokenizer directory (tokenizer.json)?")
+    if (len(ids) < len(PROBE) // 8 or tok.unk_token_id in ids
+            or tok.decode(ids).split() != PROBE.split()):
+        raise ValueError(f"tokenizer '{name}' cannot encode ordinary text ({len(ids)} tokens for "
+                         f"{len(PROBE)} characters that do not decode back): "
+                         f"is it a tokenizer directory (tokenizer.json)?")
     return tok, eos
 
 
@@ -274,28 +306,34 @@ def first_line(e):
 
 
 def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
-    """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and the data's EOS id
-    as its EOS or as the same token. Otherwise a run would go on, its loss falling, and teach the student nonsense.
-    Returns None when they agree, else (message, is_warning): a warning is a sentence, a refusal reads "the
-    teacher's tokenizer MESSAGE the data's". Only a teacher without tokenizer files, or data that names no
-    tokenizer, is a warning: tokenizer files that do not load cannot be compared, and are refused."""
-    if not any(os.path.exists(os.path.join(teacher_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return f"no tokenizer beside the teacher {teacher_dir}: cannot check that it reads the data's ids", True
+    """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and
+    the data's EOS id as its EOS or as the same token. Otherwise a run would go on, its loss
+    falling, and teach the student nonsense. Returns None when they agree, else (message,
+    is_warning): a warning is a sentence, a refusal reads "the teacher's tokenizer MESSAGE the
+    data's". Only a teacher without tokenizer files, or data that names no tokenizer, is a warning:
+    tokenizer files that do not load cannot be compared, and are refused."""
+    if not any(os.path.exists(os.path.join(teacher_dir, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+        return (f"no tokenizer beside the teacher {teacher_dir}: "
+                f"cannot check that it reads the data's ids"), True
     if not data_tokenizer:
-        return "the data's meta.json names no tokenizer: cannot check that the teacher reads the data's ids", True
+        return ("the data's meta.json names no tokenizer: "
+                "cannot check that the teacher reads the data's ids"), True
     try:
         t_tok, t_eos = load_tokenizer(teacher_dir)
     except ValueError as e:
-        return (f"cannot be loaded ({e}; if the teacher reads the data's ids, copy the data's tokenizer files over "
-                f"the teacher's), so it cannot be compared with"), False
+        return (f"cannot be loaded ({e}; if the teacher reads the data's ids, copy the data's "
+                f"tokenizer files over the teacher's), so it cannot be compared with"), False
     try:
         d_tok, _ = load_tokenizer(data_tokenizer)
     except ValueError as e:
-        return (f"cannot be compared (the data's tokenizer does not load: {e}; restore the tokenizer that "
-                f"meta.json names) with"), False
-    if t_tok(PROBE, add_special_tokens=False)["input_ids"] != d_tok(PROBE, add_special_tokens=False)["input_ids"]:
+        return (f"cannot be compared (the data's tokenizer does not load: {e}; "
+                f"restore the tokenizer that meta.json names) with"), False
+    if (t_tok(PROBE, add_special_tokens=False)["input_ids"]
+            != d_tok(PROBE, add_special_tokens=False)["input_ids"]):
         return "encodes text into other ids than", False
-    if eos_id != t_eos and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id):
+    if (eos_id != t_eos
+            and t_tok.convert_ids_to_tokens(eos_id) != d_tok.convert_ids_to_tokens(eos_id)):
         return f"does not read EOS id {eos_id} as", False
     return None
 
@@ -343,15 +381,18 @@ def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, de
 
 
 def load_checkpoint(path):
-    """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut short, a full
-    disk) or not distill.py's."""
+    """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut
+    short, a full disk) or not distill.py's."""
     import zipfile
 
     try:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip: a cut or zeroed file is none, and torch's own
-            raise ValueError("not a whole torch.save archive")  # error for that is a paragraph about .tar files
+        # torch.save writes a zip: a cut or zeroed file is none, and torch's own error for that is a
+        # paragraph about .tar files
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a whole torch.save archive")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports a cut zip archive as RuntimeError, other damage as other types
+    except Exception as e:
+        # torch reports a cut zip archive as RuntimeError, other damage as other types
         raise ValueError(f"{path} is damaged and cannot be read ({first_line(e)}); "
                          f"restore a copy, or start again elsewhere") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
@@ -360,8 +401,9 @@ def load_checkpoint(path):
 
 
 def resume_log(path, iter_num):
-    """log.jsonl's rows of the iterations before iter_num (and its eval row), which a resume keeps: the later
-    ones run again. A last row cut short is dropped; any other damage is a one-line ValueError."""
+    """log.jsonl's rows of the iterations before iter_num (and its eval row), which a resume
+    keeps: the later ones run again. A last row cut short is dropped; any other damage is a
+    one-line ValueError."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -374,44 +416,52 @@ def resume_log(path, iter_num):
         except (ValueError, AssertionError):
             if i == len(lines) - 1 and line.startswith("{") and not line.endswith("\n"):
                 break  # the last row's write cut short: its iteration runs again
-            raise ValueError(f"{path} is damaged at line {i + 1}: restore it, or delete it (the log then "
-                             f"starts at iter {iter_num})") from None
+            raise ValueError(f"{path} is damaged at line {i + 1}: restore it, or delete it "
+                             f"(the log then starts at iter {iter_num})") from None
         if row["iter"] < iter_num or (row["iter"] == iter_num and "val_ce" in row):
             rows.append(row)
     return rows
 
 
-SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")  # a resume keeps the checkpoint's
-ORDER = ("batch_size", "block_size", "gradient_accumulation_steps", "data_dir", "seed")  # they set the batches
+# a resume keeps the checkpoint's
+SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
+# they set the batches
+ORDER = ("batch_size", "block_size", "gradient_accumulation_steps", "data_dir", "seed")
 
 
 def compare_resume(ckpt, config, meta, world_size):
-    """A resume's settings and data against its checkpoint's. A ValueError (one line) if the data was made with
-    another tokenizer; else the lines that say what the checkpoint overrides, what makes the resume inexact and
-    what else changed. Updates config to the checkpoint's shape."""
+    """A resume's settings and data against its checkpoint's. A ValueError (one line) if the data
+    was made with another tokenizer; else the lines that say what the checkpoint overrides, what
+    makes the resume inexact and what else changed. Updates config to the checkpoint's shape."""
     old, old_meta, here = ckpt["config"], ckpt.get("meta") or {}, meta.get("tokenizer")
-    if old_meta and (old_meta["vocab_size"], old_meta["eos_id"]) != (meta["vocab_size"], meta["eos_id"]):
-        raise ValueError(f"the data has another tokenizer ({meta['vocab_size']} ids, EOS {meta['eos_id']}) than "
-                         f"the checkpoint's ({old_meta['vocab_size']} ids, EOS {old_meta['eos_id']}): resume on "
-                         f"the data it trained on, or start again")
+    if old_meta and ((old_meta["vocab_size"], old_meta["eos_id"])
+                     != (meta["vocab_size"], meta["eos_id"])):
+        raise ValueError(f"the data has another tokenizer ({meta['vocab_size']} ids, "
+                         f"EOS {meta['eos_id']}) than the checkpoint's "
+                         f"({old_meta['vocab_size']} ids, EOS {old_meta['eos_id']}): "
+                         f"resume on the data it trained on, or start again")
     lines = []
     if ckpt.get("tokenizer") != here:  # another name: the same tokenizer elsewhere, or another one
         try:
-            same = len({tuple(load_tokenizer(t or "")[0].encode(PROBE)) for t in (ckpt.get("tokenizer"), here)})
+            same = len({tuple(load_tokenizer(t or "")[0].encode(PROBE))
+                        for t in (ckpt.get("tokenizer"), here)})
         except ValueError as e:
             lines.append(f"warning: cannot check that the data has the checkpoint's tokenizer: {e}")
         else:
             if same != 1:
                 raise ValueError(f"the data's tokenizer {here} encodes text into other ids than "
-                                 f"{ckpt.get('tokenizer')}, the checkpoint's: resume on the data it trained on")
-    ignored = [f"{k} {config[k]} (the checkpoint's {old[k]})" for k in SHAPE if old.get(k) != config[k]]
+                                 f"{ckpt.get('tokenizer')}, the checkpoint's: "
+                                 f"resume on the data it trained on")
+    ignored = [f"{k} {config[k]} (the checkpoint's {old[k]})" for k in SHAPE
+               if old.get(k) != config[k]]
     moved = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in ORDER if old.get(k) != config[k]]
     if ckpt.get("world_size", world_size) != world_size:
         moved.append(f"processes {ckpt['world_size']} -> {world_size}")
     changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items()
                if k not in SHAPE + ORDER + ("init_from",) and old.get(k) != v]
     for what, items in (("ignored, the student's shape is the checkpoint's", ignored),
-                        ("changed, so the resume is not exact (other batches)", moved), ("changed", changed)):
+                        ("changed, so the resume is not exact (other batches)", moved),
+                        ("changed", changed)):
         if items:
             lines.append(f"  {what}: " + ", ".join(items))
     config.update({k: old[k] for k in SHAPE if k in old})
@@ -419,17 +469,21 @@ def compare_resume(ckpt, config, meta, world_size):
 
 
 def load_model(path, device="cpu", dtype=torch.float32):
-    """A distill.py out_dir (its ckpt.pt, mid-training or finished), a Hugging Face directory or a hub id ->
-    (model in eval mode, its tokenizer's directory or hub id, None if unknown). sample.py and eval.py load so."""
+    """A distill.py out_dir (its ckpt.pt, mid-training or finished), a Hugging Face directory or a
+    hub id -> (model in eval mode, its tokenizer's directory or hub id, None if unknown). sample.py
+    and eval.py load so."""
     ckpt_path = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"], where=ckpt_path)
+        model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"],
+                                      where=ckpt_path)
         hf_dir = os.path.join(path, "hf")
         has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
-        return model.to(device=device, dtype=dtype), hf_dir if has_tokenizer else ckpt.get("tokenizer")
+        return (model.to(device=device, dtype=dtype),
+                hf_dir if has_tokenizer else ckpt.get("tokenizer"))
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) nor config.json "
-                                f"(a Hugging Face model directory)")
-    path = resolve_pretrained(path)  # a hub id is downloaded once; its tokenizer comes from the same place
+        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) "
+                                f"nor config.json (a Hugging Face model directory)")
+    # a hub id is downloaded once; its tokenizer comes from the same place
+    path = resolve_pretrained(path)
     return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path

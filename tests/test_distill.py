@@ -362,6 +362,8 @@ loss.backward()
 if rank == 0:
     torch.save({k: p.grad for k, p in student.named_parameters()}, sys.argv[2])
 dist.barrier()  # rank 1 waits for rank 0's save: a process group torn down under a peer's feet can abort
+del model  # DDP holds the process group: alive at exit, gloo aborts now and then (configurator.end_processes)
+import gc; gc.collect()
 dist.destroy_process_group()
 '''
 
