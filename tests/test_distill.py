@@ -140,9 +140,13 @@ def test_two_processes(straight, data, model_dir, tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
 
 
-def test_ctrl_c_saves_and_resumes(data, model_dir, tmp_path):
+@pytest.mark.parametrize("eval_interval", [100000, 1])
+def test_ctrl_c_saves_and_resumes(eval_interval, data, model_dir, tmp_path):
+    """Ctrl-C: the step finishes, then a checkpoint and exit 130; the resume ends with a straight run's rows.
+    eval_interval=1: every stop lands on an eval iteration, evaluated before the checkpoint (a resume does not
+    evaluate again where it starts, so that eval row was lost before)."""
     args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY,
-            "--max_iters=100000", "--eval_interval=100000"]
+            "--max_iters=100000", f"--eval_interval={eval_interval}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
@@ -153,35 +157,15 @@ def test_ctrl_c_saves_and_resumes(data, model_dir, tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "--init_from=resume" in out and "Traceback" not in err
-    ckpt = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=True)
-    assert ckpt["iter_num"] >= 1 and not os.path.exists(os.path.join(tmp_path, "hf"))
-    r = run(*args, "--init_from=resume", f"--max_iters={ckpt['iter_num'] + 2}")
-    assert r.returncode == 0, r.stderr
-    assert [row["iter"] for row in read_log(tmp_path)[0]] == list(range(ckpt["iter_num"] + 2))
-    assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
-
-
-def test_ctrl_c_at_an_eval_iteration_evaluates_first(data, model_dir, tmp_path):
-    """eval_interval=1: every stop lands on an eval iteration. The eval runs before the checkpoint, and the resume
-    (which does not evaluate again where it starts) then leaves the eval rows of a straight run: one per iter."""
-    args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY,
-            "--max_iters=100000", "--eval_interval=1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
-    for line in p.stdout:
-        if line.startswith("iter 0:"):
-            break
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
     k = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=True)["iter_num"]
-    assert [row["iter"] for row in read_log(tmp_path)[1]] == list(range(k + 1))
+    assert k >= 1 and not os.path.exists(os.path.join(tmp_path, "hf"))
+    assert [row["iter"] for row in read_log(tmp_path)[1]] == list(range(0, k + 1, eval_interval))
     r = run(*args, "--init_from=resume", f"--max_iters={k + 2}")
     assert r.returncode == 0, r.stderr
     train, evals = read_log(tmp_path)
     assert [row["iter"] for row in train] == list(range(k + 2))
-    assert [row["iter"] for row in evals] == list(range(k + 3))
+    assert [row["iter"] for row in evals] == sorted(set(range(0, k + 3, eval_interval)) | {k + 2})
+    assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
 
 
 def test_without_a_teacher(tmp_path, tokenizer_dir):
