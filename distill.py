@@ -352,7 +352,8 @@ def get_lr(it):  # linear warmup ((it + 1) / (warmup + 1): step 0 moves), cosine
 def loss_fn(h_s, x, y, sparse, normalizer):
     """distill_loss of the student's hidden states h_s against the teacher on x: online (its hidden
     states and head, run here without gradients), the cache's sampled teacher (sparse), or none (CE
-    only) -> (loss, stats with bad_teacher: a non-finite teacher output, h_t or None)."""
+    only). Returns (loss, stats, h_t): stats also has bad_teacher (the teacher's output is not
+    finite), and h_t is None without an online teacher."""
     h_t = w_t = None
     if teacher_model is not None:
         with torch.no_grad():
