@@ -238,7 +238,7 @@ def end_processes():
 
     import torch.distributed as dist
 
-    gc.collect()  # the wrapper's reducer, and with it the group's last reference
+    gc.collect()  # the dropped wrapper and its reducer, which hold the group
     dist.barrier()
     dist.destroy_process_group()
 
