@@ -246,4 +246,7 @@ class Cache:
         out = {"ids": ids.reshape(shape), "t_hat": t_hat.reshape(shape),
                "entropy": rows["entropy"].astype(np.float32),
                "argmax": rows["argmax"].astype(np.int64), "ce": rows["ce"].astype(np.float32)}
-        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in out.items()}
+        # pinned first on a GPU: CUDA copies pageable memory synchronously, non_blocking or not
+        pin = torch.device(device).type == "cuda"
+        return {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v))
+                .to(device, non_blocking=True) for k, v in out.items()}

@@ -299,8 +299,10 @@ def time_at_peak(device, parts):
     return sum(f / peaks[d] for f, d in parts)
 
 
-# torch.mm(..., out_dtype=torch.float32), a half head's float32 product on CUDA, is new in 2.8
-TORCH_FLOOR = (2, 8)
+# loss._add_grad_w: torch.addmm(float32 grad_w, half G.T, half h, out_dtype=torch.float32,
+# out=grad_w), a half head's gradient accumulated in float32 on CUDA. 2.8 and 2.9 refuse a float32
+# self with half operands; 2.10 takes it (docs/benchmarks.md: how this was checked)
+TORCH_FLOOR = (2, 10)
 
 
 def check_torch():
@@ -396,3 +398,39 @@ class RunLog:
             f.write(self.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=row["iter"])
+
+
+def compiled(module, what):
+    """torch.compile(module), or the module itself where compiling fails (no C++ compiler, no
+    Triton for the GPU): a warning naming `what`, then eager from there on. An nn.Module that DDP
+    can wrap; its attributes are the module's. A compile runs at the first call (and again at a
+    new shape), so that is where it can fail: the call is then repeated eagerly."""
+    import torch
+
+    class CompiledOrEager(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+            self.fast = [torch.compile(module)]  # a list: not a second registered submodule
+
+        def forward(self, *args, **kwargs):
+            if self.fast:
+                try:
+                    return self.fast[0](*args, **kwargs)
+                except torch.OutOfMemoryError:  # not a compile failure: the caller reports it
+                    raise
+                except Exception as e:  # noqa: BLE001 (torch.compile's failures have many types)
+                    self.fast.clear()
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    import warnings
+                    warnings.warn(f"{what}: torch.compile failed ({type(e).__name__}: {first}); "
+                                  f"it runs eager instead")
+            return self.module(*args, **kwargs)
+
+        def __getattr__(self, name):  # lm_head, config, flops_per_token, ...: the module's
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return CompiledOrEager()

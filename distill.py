@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cache
 import prune
 from configurator import (DEVICE, RunLog, at_least, between, check, check_bfloat16, check_torch,
-                          check_writable, configure, die, end_processes, init_processes,
+                          check_writable, compiled, configure, die, end_processes, init_processes,
                           one_line_interrupts, one_of, peak_mem_gb, stop_requests, time_at_peak)
 from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
                 resume_log)
@@ -95,7 +95,8 @@ grad_clip = 1.0  # clip the gradient's global norm; 0: no clipping
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N (torchrun: per rank)
 dtype = "float32"  # student compute: float32 | bfloat16 | float16 (autocast over float32 weights)
-compile = False  # torch.compile student, teacher, loss chunk (GPU: needs Triton; a T4 may lack it)
+compile = False  # torch.compile student, teacher, loss chunk; where it fails: a warning, eager
+deterministic = False  # GPU runs that repeat to the bit (attention's backward without atomics): slower
 seed = 1337
 config = configure(globals())
 
@@ -146,6 +147,9 @@ check_bfloat16(device, dtype=dtype, teacher_dtype=teacher_dtype)  # not on a GPU
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
+if deterministic:  # before cuBLAS starts: its workspaces fixed, as use_deterministic_algorithms asks
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a T4)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
@@ -330,12 +334,16 @@ if ckpt is not None:
     ckpt = None  # its tensors are in the model and the optimizer now
 resumed_at = iter_num if init_from == "resume" else None
 
-model = torch.compile(raw_model) if compile else raw_model
+# torch.compile, falling back to eager with a warning where it fails (configurator.compiled)
+model = compiled(raw_model, "the student") if compile else raw_model
 if compile and teacher_model is not None:
-    teacher_model = torch.compile(teacher_model)
+    teacher_model = compiled(teacher_model, "the teacher")
 train_model = model
-if ddp:
-    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if ddp:  # around the compiled module, as PyTorch advises: DDPOptimizer then splits its graph at
+    # the gradient buckets, whose all-reduces overlap the backward. The only buffers are the RoPE
+    # tables, the same on every process: not broadcast at every forward
+    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                      broadcast_buffers=False)
 
 # -----------------------------------------------------------------------------
 # the loop's helpers: schedule, loss, sums over processes, health checks, log, MFU, stop requests

@@ -471,19 +471,22 @@ def compare_resume(ckpt, config, meta, world_size):
 def load_model(path, device="cpu", dtype=torch.float32):
     """A distill.py out_dir (its ckpt.pt, mid-training or finished), a Hugging Face directory or a
     hub id -> (model in eval mode, its tokenizer's directory or hub id, None if unknown). sample.py
-    and eval.py load so."""
+    and eval.py load so. A float16 model keeps its residual stream in float32, as distill.py's
+    teacher does: Qwen2 models overflow float16 there, and a non-finite logit would reach the
+    sampler."""
     ckpt_path = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"],
-                                      where=ckpt_path)
+                                      where=ckpt_path).to(device=device, dtype=dtype)
         hf_dir = os.path.join(path, "hf")
         has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
-        return (model.to(device=device, dtype=dtype),
-                hf_dir if has_tokenizer else ckpt.get("tokenizer"))
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        tokenizer = hf_dir if has_tokenizer else ckpt.get("tokenizer")
+    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) "
                                 f"nor config.json (a Hugging Face model directory)")
-    # a hub id is downloaded once; its tokenizer comes from the same place
-    path = resolve_pretrained(path)
-    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False), path
+    else:  # a hub id is downloaded once; its tokenizer comes from the same place
+        tokenizer = resolve_pretrained(path)
+        model = Transformer.from_pretrained(tokenizer, dtype=dtype, device=device, verbose=False)
+    model.fp32_residual = dtype == torch.float16
+    return model, tokenizer

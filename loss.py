@@ -8,6 +8,7 @@ derivations.
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,7 +111,23 @@ def _rowdot(a, b, out=None):
     if out is not None:
         return torch.mul(a, b, out=out).sum(-1, keepdim=True)
     b = b.unsqueeze(0) if b.dim() == 2 else b
-    return torch.bmm(a.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)
+    with _full_float32(a.device):
+        return torch.bmm(a.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)
+
+
+@contextmanager
+def _full_float32(device):
+    # TF32 (distill.py turns it on for Ampere and newer) would round bmm's operands to 10 bits: a
+    # ~1e-3 relative error on each row sum, 1e-3 to 1e-2 nats on forward KL, a difference of two
+    # of them. A setter and a getter per call; the head products keep TF32.
+    if device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def _lse(p, x_max, i_max):  # logsumexp(x) per row from p = softmax(x): x_max - log p at the argmax
@@ -212,10 +229,12 @@ class Options:
     compiled: bool = False  # the chunk's elementwise work through torch.compile (_terms)
 
 
-def _chunk(uv, y, p_buf, free, o, sparse):
+def _chunk(uv, y, keep, p_buf, free, o, sparse):
     """The loss terms of one chunk. uv [2, C, V]: u = z_s * s with s = 1 / tau if there is a
     teacher, else 1, and v = z_t / tau; or [1, C, V], u alone, without a dense teacher. y [C, 1];
-    p_buf and free: spare [C, V] buffers. uv and the spare buffers are consumed.
+    keep [C, 1]: 1.0 for a row that counts, 0.0 for one that does not (its target was ignore_index)
+    and goes into no sum; p_buf and free: spare [C, V] buffers. uv and the spare buffers are
+    consumed.
     Returns the chunk's sums [ce, kl, div, top1] and, if gradients are wanted,
     (G, row, factor, bound): dL/dz_s of the chunk's unnormalized loss is factor * G / row ([C, 1]),
     and |G / row| <= bound (None: unknown)."""
@@ -230,9 +249,9 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     g, c, bound = None, 1.0, 1.0
     if dense:  # the student agrees if its logit at the teacher's argmax is its largest
         m.v_max, m.v_arg = v.max(-1, keepdim=True)
-        top1 = (u.gather(1, m.v_arg) >= u_max).sum().float()
+        top1 = ((u.gather(1, m.v_arg) >= u_max) * keep).sum()
     elif sparse is not None:
-        top1 = (u.gather(1, sparse[3]) >= u_max).sum().float()
+        top1 = ((u.gather(1, sparse[3]) >= u_max) * keep).sum()
     need_grad = o.need_h or o.need_w
     if sparse is not None:
         kl, div, g, c = _sampled(u, p_s, sparse, free, m)
@@ -248,7 +267,7 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     if tau != 1:
         S = torch.linalg.vector_norm(p_s, tau, -1, keepdim=True) ** tau
     ce = tau * m.lse_u + S.log() - z_y
-    sums = torch.stack([ce.sum(), kl.sum(), div.sum(), top1])
+    sums = torch.stack([(ce * keep).sum(), (kl * keep).sum(), (div * keep).sum(), top1])
     if not need_grad:
         return sums, None
     # the mix, written once: dL/dz_s = (1 - alpha) (q - onehot(y)) + alpha tau c g. In units of
@@ -275,10 +294,10 @@ def _chunk(uv, y, p_buf, free, o, sparse):
     return sums, (q, S, 1 - o.alpha, bound)
 
 
-def _terms(u, v, y, sparse, o, scale, g_dtype):
+def _terms(u, v, y, keep, sparse, o, scale, g_dtype):
     """What _chunk computes, written as plain tensor expressions for torch.compile, which fuses them
     into a few kernels (each [C, V] operand read about once: `python bench.py bytes`). u, v [C, V]
-    as in _chunk (v None without a dense teacher), y [C, 1], sparse the cache's
+    as in _chunk (v None without a dense teacher), y and keep [C, 1], sparse the cache's
     [ids, t_hat, entropy, argmax] or None; the analytic divergences only. Returns the sums
     [ce, kl, div, top1] and dL/dz_s of the chunk's unnormalized loss times scale, in g_dtype (None
     without gradients)."""
@@ -292,7 +311,7 @@ def _terms(u, v, y, sparse, o, scale, g_dtype):
     if dense:
         log_pt = torch.log_softmax(v, -1)
         p_t = log_pt.exp()
-        top1 = (u.gather(1, v.argmax(-1, keepdim=True)) >= u_max).sum().to(f32)
+        top1 = ((u.gather(1, v.argmax(-1, keepdim=True)) >= u_max) * keep).sum()
         kl = (p_t * (log_pt - log_ps)).sum(-1, keepdim=True)
         div, g = kl, p_s - p_t
         if o.kind == "reverse_kl":
@@ -308,19 +327,19 @@ def _terms(u, v, y, sparse, o, scale, g_dtype):
     elif sparse is not None:
         ids, t_hat, entropy, argmax = sparse
         kl = div = -(t_hat * (u.gather(1, ids) - lse_u)).sum(-1, keepdim=True) - entropy
-        top1 = (u.gather(1, argmax) >= u_max).sum().to(f32)
+        top1 = ((u.gather(1, argmax) >= u_max) * keep).sum()
         g = p_s.scatter_add(1, ids, -t_hat)
     z = u * tau  # CE at temperature 1
     lse_z = torch.logsumexp(z, -1, keepdim=True)
     ce = lse_z - z.gather(1, y)
-    sums = torch.stack([ce.sum(), kl.sum(), div.sum(), top1])
+    sums = torch.stack([(ce * keep).sum(), (kl * keep).sum(), (div * keep).sum(), top1])
     if g_dtype is None:
         return sums, None
     # one fused pass writes the gradient: the one-hot of y from a comparison with the column index,
     # not a scatter
     onehot = torch.arange(u.shape[1], device=u.device) == y
     G = (1 - o.alpha) * (torch.exp(z - lse_z) - onehot.to(f32)) + (o.alpha * o.tau) * g
-    return sums, (G * scale).to(g_dtype)
+    return sums, (G * (scale * keep)).to(g_dtype)
 
 
 _compiled = {}  # "terms": torch.compile(_terms), made at the first call asking; None if it failed
@@ -358,7 +377,11 @@ class _FusedLoss(torch.autograd.Function):
         hs = h_s.reshape(-1, h_s.shape[-1])                        # [B*T, D_s]
         ht = h_t.reshape(-1, h_t.shape[-1]) if h_t is not None else None
         y = targets.reshape(-1).long()
-        idx = (y != o.ignore_index).nonzero().squeeze(1)  # [n] valid rows: the call's one host sync
+        # every row goes through the chunks; an ignored row's terms are multiplied by 0 (keep), its
+        # target read as 0. Selecting the valid rows instead would cost a host sync per call
+        valid = y != o.ignore_index                                # [B*T]
+        keep = valid.to(torch.float32)[:, None]                    # [B*T, 1]
+        y = y.masked_fill(~valid, 0)
         need_grad, half = o.need_h or o.need_w, o.head_dtype != torch.float32
         # [vocab, D_s]: the student's head in its products' dtype (no gradients: as it is); the
         # sums are float32. A CPU has no half product with a float32 result: there the operands are
@@ -368,7 +391,7 @@ class _FusedLoss(torch.autograd.Function):
         ws = w_s[:o.vocab].to(o.head_dtype) if half or need_grad else w_s[:o.vocab]
         ws = ws.float() if emulate else ws
         wt = w_t[:o.vocab] if w_t is not None else None            # [vocab, D_t], its own dtype
-        n, dev, f32 = idx.numel(), hs.device, torch.float32
+        n, dev, f32 = y.numel(), hs.device, torch.float32
         grad_h = torch.zeros(hs.shape, dtype=f32, device=dev) if o.need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=f32, device=dev) if o.need_w else None  # padding: 0
         sums = torch.zeros(4, dtype=f32, device=dev)              # ce, kl, div, top1
@@ -388,16 +411,17 @@ class _FusedLoss(torch.autograd.Function):
         g_dtype = (o.head_dtype if g_half else f32) if need_grad else None
         g_scale = _g_scale(o.head_dtype, t_bound) if g_half else 1.0
         for i in range(0, n, o.chunk_size):
-            ix = idx[i:i + o.chunk_size]
-            c = len(ix)
-            h_c, y_c, uv_c = hs[ix], y[ix, None], uv[:, :c]        # [c, D_s], [c, 1], [2, c, vocab]
+            ix = slice(i, i + o.chunk_size)
+            h_c, y_c, k_c = hs[ix], y[ix, None], keep[ix]         # [c, D_s], [c, 1], [c, 1]
+            c = len(h_c)
+            uv_c = uv[:, :c]                                       # [2, c, vocab]
             h_u = h_c * s if s != 1 else h_c
             head(h_u.to(o.head_dtype).float() if emulate else h_u, ws, uv_c[0])  # u = z_s * s
             if ht is not None:
                 head(ht[ix] / o.tau, wt, uv_c[1])                  # v = z_t / tau
             sp = None if sparse is None else [t[ix] for t in sparse]
             v_c = uv_c[1] if ht is not None else None
-            out = _run_terms(uv_c[0], v_c, y_c, sp, o, g_scale, g_dtype) if compiled else None
+            out = _run_terms(uv_c[0], v_c, y_c, k_c, sp, o, g_scale, g_dtype) if compiled else None
             if out is not None:  # dL/dz_s times g_scale, in g_dtype already
                 chunk_sums, G = out
                 grad = None if G is None else (G, 1.0, 1.0, t_bound)
@@ -405,19 +429,20 @@ class _FusedLoss(torch.autograd.Function):
                 compiled = False
                 if bufs is None:
                     bufs = torch.empty(1 + n_free, C, o.vocab, dtype=f32, device=dev).unbind()
-                chunk_sums, grad = _chunk(uv_c, y_c, bufs[0][:c], [b[:c] for b in bufs[1:]], o, sp)
+                chunk_sums, grad = _chunk(uv_c, y_c, k_c, bufs[0][:c], [b[:c] for b in bufs[1:]],
+                                          o, sp)
             sums += chunk_sums
             if grad is None:
                 continue
             G, row, factor, bound = grad                           # dL/dz_s = factor * G / row
             if half and (o.head_dtype == torch.bfloat16 or bound is not None):
-                # G in the head's dtype, the rows' 1 / S and float16's scale folded in (the compiled
-                # chunk's is)
+                # G in the head's dtype, the rows' 1 / S, keep and float16's scale folded in (the
+                # compiled chunk's is)
                 scale = _g_scale(o.head_dtype, bound)
                 if G.dtype == f32:
                     if g16 is None:
                         g16 = torch.empty(C, o.vocab, dtype=o.head_dtype, device=dev)
-                    G = torch.mul(G, scale / row, out=g16[:c])
+                    G = torch.mul(G, scale / row * k_c, out=g16[:c])
                 w_b, h_b = ws, h_c.to(o.head_dtype)
                 out_scale = alpha_w = factor / scale
                 if emulate:
@@ -425,14 +450,14 @@ class _FusedLoss(torch.autograd.Function):
             else:  # float32 (or float16 without a bound on G: these two products stay float32)
                 if half and ws_f is None:
                     ws_f = w_s[:o.vocab].float()
-                # the rows' 1 / S on the [c, D] side
-                w_b, out_scale = ws_f if half else ws, factor / row
+                # the rows' 1 / S and keep on the [c, D] side
+                w_b, out_scale = ws_f if half else ws, factor / row * k_c
                 h_b, alpha_w = h_c.float() * out_scale, 1.0
             if o.need_h:
-                grad_h.index_copy_(0, ix, head(G, w_b.T).mul_(out_scale))  # [c, D_s]
+                grad_h[ix] = head(G, w_b.T).mul_(out_scale)             # [c, D_s]
             if o.need_w:
                 _add_grad_w(grad_w[:o.vocab], G, h_b, alpha_w)
-        n_t = torch.full((), float(n), device=dev)  # a fill: no copy from the host, no sync
+        n_t = keep.sum()                                           # valid tokens, on the device
         # 0 tokens: loss 0, no NaN
         N = n_t.clamp(min=1) if normalizer is None else normalizer.clamp(min=1e-12)
         ce, kl, div, top1 = (sums / N).unbind()
@@ -457,8 +482,9 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def _add_grad_w(grad_w, G, h, alpha):
-    """grad_w [V, D] float32 += alpha * G.T @ h: in G's dtype with float32 accumulation on CUDA,
-    elsewhere cast."""
+    """grad_w [V, D] float32 += alpha * G.T @ h: a half G on CUDA multiplies on tensor cores into
+    float32 grad_w in place (torch >= 2.10: 2.8 and 2.9 refuse a float32 self with half operands);
+    elsewhere the half product is cast."""
     if G.dtype == torch.float32:
         grad_w.addmm_(G.T, h, alpha=alpha)
     elif G.is_cuda:

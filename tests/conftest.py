@@ -48,6 +48,28 @@ def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):
     return str(out_dir)
 
 
+def make_loud_model_dir(out_dir, tokenizer_dir=None, vocab_size=320):
+    """A tiny Qwen2 checkpoint whose residual stream outgrows float16 (Qwen2's massive activations in
+    miniature: 3e4 in one channel, then two blocks adding ~2e4 each), as a real teacher's does from 1.5B up:
+    in float16 throughout its hidden states are inf; over a float32 residual stream they are finite."""
+    import torch
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                      intermediate_size=48, max_seq_len=128, rope_theta=10000.0, tie_word_embeddings=False)
+    model = Transformer(cfg, verbose=False).eval()  # untied: the head's logits stay of ordinary size
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = 3e4  # the normalized input: ~sqrt(32) in channel 0, ~0 elsewhere
+        for b in model.layers:
+            b.self_attn.o_proj.weight.zero_()
+            for w in (b.mlp.gate_proj.weight, b.mlp.up_proj.weight):
+                w.zero_()[:, 0] = 1.0  # every neuron: silu(5.66) * 5.66 ~ 32
+            b.mlp.down_proj.weight.zero_()[0] = 13.0  # 48 neurons * 32 * 13 ~ 2e4 into channel 0
+    model.save_pretrained(str(out_dir), tokenizer_dir=tokenizer_dir)
+    return str(out_dir)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
@@ -67,11 +89,13 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermed
         "--compile=False", "--seed=1"]
 
 
-def run(*args, ddp=False, timeout=300):
-    """distill.py with these arguments, in a subprocess, from outside the repository (two processes with ddp)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ddp else \
-        [sys.executable]
+def run(*args, ddp=False, timeout=300, env=None):
+    """distill.py with these arguments, in a subprocess, from outside the repository (under torch.distributed.run
+    with ddp: True for two processes, or their number); env: more environment variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8", **(env or {}))
+    nproc = 2 if ddp is True else int(ddp)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if ddp \
+        else [sys.executable]
     return subprocess.run(launch + [os.path.join(REPO, "distill.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=os.path.dirname(REPO), timeout=timeout)
 

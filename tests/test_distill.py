@@ -168,6 +168,22 @@ def test_ctrl_c_saves_and_resumes(eval_interval, data, model_dir, tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
 
 
+def test_a_failed_compile_trains_on_eager(data, model_dir, tmp_path):
+    """--compile=True where torch.compile cannot work (here: no C++ compiler for inductor; on a GPU: no Triton for
+    it): one warning each for the student, the teacher and the loss's chunk, then the same run as eager."""
+    args = [f"--data_dir={data}", f"--teacher={model_dir}", *TINY, *LEARN, "--max_iters=4", "--eval_interval=2"]
+    r = run(*args, f"--out_dir={tmp_path / 'compiled'}", "--compile=True",
+            env=dict(CXX="/nonexistent", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
+    assert r.returncode == 0, r.stderr
+    for what in ("the student", "the teacher", "distill_loss"):
+        assert r.stderr.count(f"Warning: {what}: torch.compile failed") == 1, r.stderr
+    eager = run(*args, f"--out_dir={tmp_path / 'eager'}")
+    assert eager.returncode == 0, eager.stderr
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in TIMING} for row in rows]  # noqa: E731
+    assert [strip(rows) for rows in read_log(tmp_path / "compiled")] == \
+        [strip(rows) for rows in read_log(tmp_path / "eager")]
+
+
 def test_without_a_teacher(tmp_path, tokenizer_dir):
     """teacher=None: a plain language model (CE only) on uint16 bins; max_iters from epochs; vocabulary rounded up."""
     data = write_data(tmp_path / "data16", tokenizer_dir, np.uint16)

@@ -363,3 +363,29 @@ def test_compile_failure_falls_back_to_eager(fresh_compile, monkeypatch):
             assert torch.equal(a, b)
     fused(*inputs, chunk_size=11, compile=True)
     assert len(calls) == 1 and loss._compiled["terms"] is None
+
+
+SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2", "unique_consecutive"}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kind="jsd"), dict(alpha=0.0, h_t=None, w_t=None)])
+def test_no_op_the_host_waits_for(kw):
+    """distill_loss, forward and backward, with ignored tokens among the targets, runs no op whose output size or
+    value the host must read (nonzero, .item(), masked_select, unique): on a GPU each is a wait for the device, per
+    call. Ops counted by a dispatch mode here; the GPU suite checks it with CUDA's sync debug mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func._schema.name.split("::")[-1].rstrip("_"))
+            return func(*args, **(kwargs or {}))
+
+    h_s, w_s, h_t, w_t, y = make_inputs(18)
+    args = dict(h_t=h_t, w_t=w_t) | kw
+    h_s, w_s = h_s.requires_grad_(), w_s.requires_grad_()
+    with Ops() as ops:
+        loss, stats = distill_loss(h_s, w_s, args.pop("h_t"), args.pop("w_t"), y, chunk_size=8, **args)
+        loss.backward()
+    assert "mm" in ops.seen and not ops.seen & SYNCING, ops.seen & SYNCING

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, make_model_dir
+from conftest import REPO, make_loud_model_dir, make_model_dir
 
 
 def run_sample(*args):
@@ -46,6 +46,16 @@ def test_prompt_from_file(model_dir, tmp_path):
                    "--max_new_tokens=3", "--temperature=0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("北京是")
+
+
+def test_a_float16_model_keeps_a_float32_residual_stream(tmp_path, tokenizer_dir):
+    """--dtype=float16 (what a T4 gets by default) on a model whose residual stream outgrows float16: sample.py
+    keeps that stream in float32, as distill.py's teacher, so no inf/NaN reaches the sampler."""
+    loud = make_loud_model_dir(tmp_path / "loud", tokenizer_dir)
+    r = run_sample(f"--init_from={loud}", "--dtype=float16", "--device=cpu", "--num_samples=1", "--max_new_tokens=8",
+                   "--temperature=0.8")
+    assert r.returncode == 0, r.stderr
+    assert "float16" in r.stderr and r.stdout.count("---------------") == 1
 
 
 @pytest.fixture(scope="module")
