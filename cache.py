@@ -31,7 +31,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import progress
+from common import progress
 from loss import head
 
 VERSION = 1
@@ -47,15 +47,15 @@ def fingerprint(path):  # size and sha1 of a bin: a cache of other data is refus
     return f"{os.path.getsize(path)}:{h.hexdigest()}"
 
 
-def describe(data_dir, teacher, tokenizer, temperature, block_size, samples, topk, seed,
-             vocab_size):
-    """What distill.py's cache is built from, as meta.json records it (less the teacher's shape,
-    which the build adds): state() compares it with a cache's. The bins count by fingerprint."""
-    meta = dict(version=VERSION, teacher=teacher, tokenizer=tokenizer,
-                temperature=float(temperature), block_size=block_size, cache_samples=samples,
-                cache_topk=topk, seed=seed, vocab_size=vocab_size)
+def describe(bins, teacher, temperature, samples, topk, seed):
+    """What distill.py's cache of these bins (data.Bins) is built from, as meta.json records it
+    (less the teacher's shape, which the build adds): state() compares it with a cache's. The bins
+    count by fingerprint."""
+    meta = dict(version=VERSION, teacher=teacher, tokenizer=bins.meta.get("tokenizer"),
+                temperature=float(temperature), block_size=bins.block_size, cache_samples=samples,
+                cache_topk=topk, seed=seed, vocab_size=bins.vocab_size)
     for split in ("train", "val"):
-        meta[split] = fingerprint(os.path.join(data_dir, f"{split}.bin"))
+        meta[split] = fingerprint(bins.path(split))
     return meta
 
 
@@ -99,19 +99,19 @@ def teacher_config(cache_dir):
         return json.load(f)["teacher_config"]
 
 
-def open_or_build(cache_dir, meta, teacher, load, n_windows, block_size, batch_size, seed, rank=0,
-                  world_size=1, sync=lambda: None, log=print):
-    """The complete cache of meta in cache_dir, built first from the teacher if there is none
-    (distill.py checked state() already). Every process builds its share of the windows; rank 0
-    joins them and writes meta.json."""
+def open_or_build(cache_dir, meta, teacher, bins, batch_size, rank=0, world_size=1, log=print):
+    """The complete cache of meta in cache_dir, built first from the teacher over the windows of
+    bins (data.Bins) if there is none (distill.py checked state() already). Under torchrun every
+    process builds its share of the windows; rank 0 joins them and writes meta.json."""
     if state(cache_dir, meta) == "absent":
-        t0, tokens = time.time(), sum(n_windows.values()) * block_size
+        n_windows = {split: bins.n_windows(split) for split in ("train", "val")}
+        t0, tokens = time.time(), sum(n_windows.values()) * bins.block_size
         again = os.path.isdir(cache_dir) and any(".part" in f for f in os.listdir(cache_dir))
         log(f"{'an earlier build was interrupted: building again' if again else 'building'} "
             f"the teacher cache {cache_dir}: the teacher runs once over {tokens:,} tokens")
         bar = progress(tokens, "teacher cache", unit="tokens", enabled=rank == 0)
         meta = dict(meta, teacher_config=asdict(teacher.config))
-        build(cache_dir, teacher, load, n_windows, meta, batch_size, seed, rank, world_size,
+        build(cache_dir, teacher, bins, meta, batch_size, rank, world_size,
               progress=lambda split, n: bar.update(n * world_size))
         bar.close()
         sync()
@@ -122,7 +122,14 @@ def open_or_build(cache_dir, meta, teacher, load, n_windows, block_size, batch_s
                    for k in ("entries", "tokens"))
         log(f"built the teacher cache {cache_dir} in {time.time() - t0:.0f} s: "
             f"{size / tokens:.1f} bytes per token")
-    return Cache(cache_dir, block_size)
+    return Cache(cache_dir, bins.block_size)
+
+
+def sync():  # under torchrun: every process waits for the others
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 @torch.no_grad()
@@ -162,24 +169,23 @@ def window_entries(h, w, y, vocab, tau, samples, topk, generator, chunk=128):
     return np.concatenate(entries), tokens
 
 
-def build(cache_dir, teacher, load, n_windows, meta, batch_size, seed, rank=0, world_size=1,
-          progress=None):
-    """Writes SPLIT.{entries,tokens}.bin for both splits. load(split, windows) -> (x, y) on the
-    teacher's device. Each process builds a contiguous share of the windows into part files;
-    rank 0 joins them in order once barrier() says all are done, and writes meta.json last.
-    Every window draws from its own seeded generator, so the cache is the same whatever the
-    number of processes."""
+def build(cache_dir, teacher, bins, meta, batch_size, rank=0, world_size=1, progress=None):
+    """Writes SPLIT.{entries,tokens}.bin for both splits of bins (data.Bins), meta's settings. Each
+    process builds a contiguous share of the windows into part files; rank 0 joins them in order
+    once all are done, and writes meta.json last. Every window draws from its own generator,
+    seeded by meta's seed and its index, so the cache is the same whatever the number of
+    processes."""
     os.makedirs(cache_dir, exist_ok=True)
-    w = teacher.lm_head.weight
+    w, seed = teacher.lm_head.weight, meta["seed"]
     for s, split in enumerate(("train", "val")):
-        n = n_windows[split]
+        n = bins.n_windows(split)
         mine = range(rank * n // world_size, (rank + 1) * n // world_size)
         part = {kind: open(os.path.join(cache_dir, f"{split}.{kind}.bin.part{rank}"), "wb")
                 for kind in ("entries", "tokens")}
         gen = torch.Generator(device=w.device)
         for i in range(mine.start, mine.stop, batch_size):
             windows = list(range(i, min(i + batch_size, mine.stop)))
-            x, y = load(split, windows)
+            x, y = bins.batch(split, windows, w.device)
             h = teacher(x)
             for b, window in enumerate(windows):
                 gen.manual_seed(seed * 1_000_003 + s * 100_000_007 + window)

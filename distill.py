@@ -31,15 +31,26 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
+import checkpoint
+import hf
 import prune
-from configurator import (DEVICE, RunLog, at_least, between, check, check_bfloat16, check_torch,
-                          check_writable, compiled, configure, die, end_processes, init_processes,
-                          one_line_interrupts, one_of, peak_mem_gb, stop_requests, time_at_peak)
-from hf import (TOKENIZER_FILES, compare_resume, load_checkpoint, load_teacher, resolve_pretrained,
-                resume_log)
+from common import (
+    check_bfloat16,
+    check_torch,
+    check_writable,
+    compiled,
+    die,
+    end_processes,
+    init_processes,
+    one_line_interrupts,
+    peak_mem_gb,
+    stop_requests,
+    time_at_peak,
+)
+from configurator import DEVICE, at_least, between, check, configure, one_of
+from data import Bins
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
-from prepare import read_meta
 
 check_torch()
 
@@ -96,7 +107,7 @@ grad_clip = 1.0  # clip the gradient's global norm; 0: no clipping
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda | cuda:N (torchrun: per rank)
 dtype = "float32"  # student compute: float32 | bfloat16 | float16 (autocast over float32 weights)
 compile = False  # torch.compile student, teacher, loss chunk; where it fails: a warning, eager
-deterministic = False  # GPU runs that repeat to the bit (attention's backward without atomics): slower
+deterministic = False  # GPU runs that repeat to the bit (attention's backward without atomics)
 seed = 1337
 config = configure(globals())
 
@@ -147,7 +158,7 @@ check_bfloat16(device, dtype=dtype, teacher_dtype=teacher_dtype)  # not on a GPU
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
-if deterministic:  # before cuBLAS starts: its workspaces fixed, as use_deterministic_algorithms asks
+if deterministic:  # before cuBLAS starts: fixed workspaces, as use_deterministic_algorithms asks
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 if device_type == "cuda":  # TF32 matmuls for float32 on Ampere+ (no effect on a T4)
@@ -166,34 +177,13 @@ if init_from != "resume" and os.path.exists(ckpt_path):
 # data: prepare.py's flat token bins, cut into non-overlapping windows of block_size + 1 tokens
 
 try:
-    meta, data_dtype = read_meta(data_dir)
+    bins = Bins(data_dir, block_size)  # data.py: meta.json and the bins, checked
 except ValueError as e:
     die(str(e))
-vocab_size, eos_id = int(meta["vocab_size"]), int(meta["eos_id"])
-tcache = None  # the teacher cache's reader, once it is open (below)
-
-
-def n_windows(split):
-    tokens = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // data_dtype.itemsize
-    return tokens // (block_size + 1)
-
-
-def load_windows(split, windows):
-    """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one token,
-    and the cached teacher of those windows (distill_loss's sparse argument; None without one)."""
-    # re-opened on every call as in nanoGPT: pages of a long-lived memmap pile up in memory
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
-    T = block_size + 1
-    w = torch.from_numpy(np.stack([data[i * T:(i + 1) * T] for i in windows]).astype(np.int64))
-    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-    if device_type == "cuda":  # pinned, so the copy runs while the GPU is busy
-        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
-    return x.to(device), y.to(device), tcache.batch(split, windows, device) if tcache else None
-
-
+meta, vocab_size = bins.meta, bins.vocab_size
 windows_per_iter = batch_size * gradient_accumulation_steps * world_size
 tokens_per_iter = windows_per_iter * block_size
-n_train, n_val = n_windows("train"), n_windows("val")
+n_train, n_val = bins.n_windows("train"), bins.n_windows("val")
 if n_train < windows_per_iter:
     die(f"train.bin holds {n_train} windows of block_size + 1 = {block_size + 1} tokens; one step "
         f"takes {windows_per_iter} (batch_size * gradient_accumulation_steps * processes): more "
@@ -203,8 +193,13 @@ if n_val < 1:
 if max_iters == 0:
     max_iters = epochs * (n_train // windows_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
-config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters, teacher_dtype=teacher_dtype,
-              device=device, alpha=alpha)  # what this run uses, for the checkpoint and the logger
+
+
+def load_batch(split, windows):
+    """Window indices -> x, y (len, block_size) int64 on the device, y being x shifted by one
+    token, and the cached teacher of those windows (distill_loss's sparse; None without a cache)."""
+    x, y = bins.batch(split, windows, device)
+    return x, y, tcache.batch(split, windows, device) if tcache else None
 
 
 @lru_cache(maxsize=2)
@@ -222,7 +217,7 @@ def step_batches(pos):
     of them is ours."""
     order, slots = epoch_order(pos[0]), range(gradient_accumulation_steps)
     starts = [pos[1] + (m * world_size + rank) * batch_size for m in slots]
-    return [load_windows("train", order[s:s + batch_size]) for s in starts]
+    return [load_batch("train", order[s:s + batch_size]) for s in starts]
 
 
 # validation: a fixed, evenly spread set of windows of val.bin; each process takes its share
@@ -231,28 +226,33 @@ val_windows = np.arange(n_eval) * n_val // n_eval
 my_val_windows = val_windows[rank::world_size]
 
 # -----------------------------------------------------------------------------
-# resume: the checkpoint is read and compared with these settings and data before the teacher loads
+# resume: the checkpoint is read and compared with these settings and data before the teacher loads;
+# the student's shape is the checkpoint's, whatever the settings say
 
 ckpt, log_rows = None, []
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         die(f"no {ckpt_path} to resume from; start with --init_from=scratch")
     try:  # and log.jsonl's rows up to the checkpoint: the later iterations run again
-        ckpt = load_checkpoint(ckpt_path)
-        report = compare_resume(ckpt, config, meta, world_size)
-        log_rows = resume_log(log_path, ckpt["iter_num"])
+        ckpt = checkpoint.load(ckpt_path)
+        report = checkpoint.compare_resume(ckpt, {k: globals()[k] for k in config}, meta,
+                                           world_size)
+        log_rows = checkpoint.resume_log(log_path, ckpt["iter_num"])
     except ValueError as e:
         die(str(e))
     print0(f"resuming {ckpt_path} at iter {ckpt['iter_num']}", *report, sep="\n")
+    n_layer, n_head, n_kv_head, n_embd, intermediate_size = \
+        (ckpt["model_args"][k] for k in checkpoint.SHAPE)
+# what this run uses, for the checkpoint and the log: the settings as given, and as derived above
+config = {k: globals()[k] for k in config}
 
 # -----------------------------------------------------------------------------
 # the teacher: online (model.py, frozen) or its sampled cache (cache.py); loss_fn (below) takes
 # whichever it is
 
-cache_meta, cache_state = None, None
+cache_meta, cache_state, tcache = None, None, None
 if teacher_cache:  # checked against what it was built from, before anything loads; built when used
-    cache_meta = cache.describe(data_dir, teacher, meta.get("tokenizer"), temperature, block_size,
-                                cache_samples, cache_topk, seed, vocab_size)
+    cache_meta = cache.describe(bins, teacher, temperature, cache_samples, cache_topk, seed)
     cache_state = cache.state(teacher_cache, cache_meta)
     if cache_state not in ("complete", "absent"):
         die(cache_state)
@@ -260,8 +260,9 @@ if teacher_cache:  # checked against what it was built from, before anything loa
 teacher_model, tcfg = None, None
 if teacher is not None and (cache_state != "complete" or init_from == "prune"):
     try:  # checked against the data: its tokenizer, vocabulary and block_size (hf.py)
-        teacher_model = load_teacher(teacher, meta.get("tokenizer"), eos_id, vocab_size, block_size,
-                                     DTYPES[teacher_dtype], device, verbose=master, log=print0)
+        teacher_model = hf.load_teacher(teacher, meta.get("tokenizer"), bins.eos_id, vocab_size,
+                                        block_size, DTYPES[teacher_dtype], device, verbose=master,
+                                        log=print0)
     except ValueError as e:
         die(str(e))
     teacher_model.fp32_residual = teacher_fp32_residual and teacher_dtype == "float16"
@@ -269,20 +270,16 @@ if teacher is not None and (cache_state != "complete" or init_from == "prune"):
 elif cache_state == "complete":  # the teacher is not loaded: its shape comes from the cache
     tcfg = ModelConfig(**cache.teacher_config(teacher_cache))
 
-
 # -----------------------------------------------------------------------------
 # the student: from scratch, cut out of the teacher (prune.py), or the checkpoint's
 
-if ckpt is not None:
-    model_args = ckpt["model_args"]  # the checkpoint's shape, whatever the settings say
-else:
-    model_args = asdict(ModelConfig(
-        # the teacher's vocabulary (padding rows included); else the tokenizer's, rounded up to 64
-        vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64, n_layer=n_layer,
-        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
-        intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
-        rope_theta=tcfg.rope_theta if tcfg else ModelConfig.rope_theta,
-        rms_norm_eps=tcfg.rms_norm_eps if tcfg else ModelConfig.rms_norm_eps))
+model_args = ckpt["model_args"] if ckpt is not None else asdict(ModelConfig(
+    # the teacher's vocabulary (padding rows included); else the tokenizer's, rounded up to 64
+    vocab_size=tcfg.vocab_size if tcfg else -(-vocab_size // 64) * 64, n_layer=n_layer,
+    n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=n_embd // n_head,
+    intermediate_size=intermediate_size, max_seq_len=block_size, tie_word_embeddings=True,
+    rope_theta=tcfg.rope_theta if tcfg else ModelConfig.rope_theta,
+    rms_norm_eps=tcfg.rms_norm_eps if tcfg else ModelConfig.rms_norm_eps))
 if block_size > model_args["max_seq_len"]:
     die(f"block_size {block_size} exceeds the student's max_seq_len {model_args['max_seq_len']}")
 if model_args["vocab_size"] < vocab_size:
@@ -292,20 +289,18 @@ if init_from == "prune" and (problem := prune.check(tcfg, ModelConfig(**model_ar
     die(f"init_from=prune: {problem}")
 
 if teacher_cache:
-    tcache = cache.open_or_build(teacher_cache, cache_meta, teacher_model,
-                                 lambda split, w: load_windows(split, w)[:2],
-                                 {"train": n_train, "val": n_val}, block_size, batch_size, seed,
-                                 rank, world_size, sync=dist.barrier if ddp else (lambda: None),
-                                 log=print0)
+    tcache = cache.open_or_build(teacher_cache, cache_meta, teacher_model, bins, batch_size, rank,
+                                 world_size, log=print0)
     print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its "
            f"samples (unbiased), teacher_val_ce and val_top1 exact")
 
 if init_from == "prune":  # calibrated on prune_windows windows of train.bin (prune.py)
-    raw_model = prune.calibrate_and_cut(teacher_model, ModelConfig(**model_args),
-                                        lambda w: load_windows("train", w)[0], n_train,
-                                        prune_windows, seed, batch_size, prune_layers, prune_width,
-                                        rank, world_size, dist.all_reduce if ddp else None,
-                                        log=print0)
+    calibration = np.random.default_rng(seed).permutation(n_train)[:prune_windows][rank::world_size]
+    raw_model = prune.calibrate_and_cut(
+        teacher_model, ModelConfig(**model_args),
+        (bins.batch("train", calibration[i:i + batch_size], device)[0]
+         for i in range(0, len(calibration), batch_size)),
+        min(prune_windows, n_train), prune_layers, prune_width, log=print0)
 else:  # float32: the master weights under autocast
     raw_model = Transformer(ModelConfig(**model_args), verbose=master)
 if ckpt is not None:
@@ -334,7 +329,7 @@ if ckpt is not None:
     ckpt = None  # its tensors are in the model and the optimizer now
 resumed_at = iter_num if init_from == "resume" else None
 
-# torch.compile, falling back to eager with a warning where it fails (configurator.compiled)
+# torch.compile, falling back to eager with a warning where it fails (common.compiled)
 model = compiled(raw_model, "the student") if compile else raw_model
 if compile and teacher_model is not None:
     teacher_model = compiled(teacher_model, "the teacher")
@@ -357,6 +352,11 @@ def get_lr(it):  # linear warmup ((it + 1) / (warmup + 1): step 0 moves), cosine
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+# distill_loss's settings, the same for the step and the eval
+kd = dict(alpha=alpha, temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
+          chunk_size=kd_chunk_size, beta=kd_beta, compile=compile)
+
+
 def loss_fn(h_s, x, y, sparse, normalizer):
     """distill_loss of the student's hidden states h_s against the teacher on x: online (its hidden
     states and head, run here without gradients), the cache's sampled teacher (sparse), or none (CE
@@ -370,12 +370,17 @@ def loss_fn(h_s, x, y, sparse, normalizer):
     # softmaxes, KL and CE in float32. It applies both heads itself, a chunk of tokens at a time;
     # the student's head is tied to its embedding (the same tensor)
     with autocast:
-        loss, s = distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, alpha=alpha,
-                               temperature=temperature, vocab_size=vocab_size, kind=kd_kind,
-                               chunk_size=kd_chunk_size, beta=kd_beta, normalizer=normalizer,
-                               sparse=sparse, compile=compile)
+        loss, s = distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, normalizer=normalizer,
+                               sparse=sparse, **kd)
     s["bad_teacher"] = torch.zeros((), device=device) if h_t is None else ~torch.isfinite(h_t).all()
     return loss, s, h_t
+
+
+def teacher_ce(h_t, y, sparse):  # the teacher's own CE summed over y: the cache holds it per label
+    if sparse is not None:
+        return sparse["ce"][y != -100].sum()
+    return distill_loss(h_t, teacher_model.lm_head.weight, None, None, y, normalizer=1.0,
+                        **dict(kd, alpha=0.0, compile=False))[1]["ce"]
 
 
 def all_reduce(stats):
@@ -398,10 +403,10 @@ def check_finite(what, value, bad_teacher):
 
 # rows: a line each on rank 0 and the same as JSON in log.jsonl, where the rows of iterations
 # that run again are dropped
-log = RunLog(log_path, log_rows, master,
-             dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
+log = checkpoint.RunLog(log_path, log_rows, master, dict(project=wandb_project,
+                        name=wandb_run_name, config=config) if wandb_log else None)
 
-# MFU: each part of a token's FLOPs at the peak of the dtype it runs in (configurator.py's table):
+# MFU: each part of a token's FLOPs at the peak of the dtype it runs in (common.py's table):
 # the student's body and head (the loss's head products) in dtype, the teacher in teacher_dtype
 parts = [(f, dtype) for f in raw_model.flops_per_token(block_size)]
 if teacher_model is not None:
@@ -432,18 +437,13 @@ while True:
         keys = ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")
         sums = {k: torch.zeros((), device=device) for k in keys}
         for i in range(0, len(my_val_windows), batch_size):
-            x, y, sparse = load_windows("val", my_val_windows[i:i + batch_size])
+            x, y, sparse = load_batch("val", my_val_windows[i:i + batch_size])
             with torch.no_grad():
                 with autocast:
                     h_s = model(x)  # no dropout: train and eval modes are the same
                 _, s, h_t = loss_fn(h_s, x, y, sparse, 1.0)
-                if teacher_val_ce is None and h_t is not None:  # the teacher's own CE
-                    _, t = distill_loss(h_t, teacher_model.lm_head.weight, None, None, y, alpha=0.0,
-                                        vocab_size=vocab_size, chunk_size=kd_chunk_size,
-                                        normalizer=1.0)
-                    s["teacher_ce"] = t["ce"]
-            if teacher_val_ce is None and sparse is not None:  # the cache holds it for each label
-                s["teacher_ce"] = sparse["ce"][y != -100].sum()
+                if teacher_val_ce is None and (h_t is not None or sparse is not None):
+                    s["teacher_ce"] = teacher_ce(h_t, y, sparse)
             for k in keys & s.keys():
                 sums[k] += s[k]
         r = all_reduce(sums)
@@ -459,22 +459,20 @@ while True:
         best_val_ce = min(best_val_ce, row["val_ce"])  # the best so far, never a worse value
         log(row)
 
-    # the checkpoint, after each eval and on a stop request; written to a temporary name, then
-    # renamed: a kill during the write leaves the old one whole
+    # the checkpoint, after each eval and on a stop request (checkpoint.save: a kill during the
+    # write leaves the old one whole)
     if (evaluating or stop) and master and save:
-        ckpt = {"model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
-                "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
-                "meta": meta, "world_size": world_size,
-                # nothing random runs after the init (the data order comes from seed + epoch), but
-                # a future dropout or sampling step would need these
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device)
-                        if device_type == "cuda" else None}}
-        os.makedirs(out_dir, exist_ok=True)
-        torch.save(ckpt, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
+        checkpoint.save(ckpt_path, {
+            "model": raw_model.state_dict(),  # unwrapped: no _orig_mod. / module. prefixes
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "model_args": model_args, "iter_num": iter_num, "data_pos": list(data_pos),
+            "best_val_ce": best_val_ce, "config": config, "tokenizer": meta.get("tokenizer"),
+            "meta": meta, "world_size": world_size,
+            # nothing random runs after the init (the data order comes from seed + epoch), but
+            # a future dropout or sampling step would need these
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device)
+                    if device_type == "cuda" else None}})
     if stop:
         print0(f"stopped at iter {iter_num}: saved {ckpt_path}; continue with the same settings "
                f"and --init_from=resume")
@@ -538,18 +536,19 @@ while True:
     stop = bool(r["stop"])  # checkpointed, then stopped, at the top of the loop
 
 # -----------------------------------------------------------------------------
-# the end: the student as a Hugging Face directory, with the tokenizer
+# the end: the trained model as a Hugging Face directory, with the tokenizer
 
 if master and save:
     hf_dir, tokenizer_dir = os.path.join(out_dir, "hf"), None
     if meta.get("tokenizer"):  # a local directory, or a hub id (its files are in the hub's cache)
         try:
-            tokenizer_dir = resolve_pretrained(meta["tokenizer"], TOKENIZER_FILES)
+            tokenizer_dir = hf.resolve_pretrained(meta["tokenizer"], hf.TOKENIZER_FILES)
         except FileNotFoundError as e:  # offline, say: the weights are still exported
-            print(f"note: the tokenizer is not saved with the student: {e}", file=sys.stderr)
-    raw_model.save_pretrained(hf_dir, tokenizer_dir=tokenizer_dir)
-    print(f"exported the student at iter {iter_num} (its last weights) to {hf_dir}; the best "
-          f"val_ce was {best_val_ce:.4f}", flush=True)
+            print(f"note: the tokenizer is not saved with the model: {e}", file=sys.stderr)
+    hf.save(raw_model, hf_dir, tokenizer_dir=tokenizer_dir)
+    what = "the student" if teacher is not None else "the model (no teacher: a language model)"
+    print(f"exported {what} at iter {iter_num} (its last weights) to {hf_dir}; the best val_ce was "
+          f"{best_val_ce:.4f}", flush=True)
 if ddp:  # the others wait for rank 0's export
     train_model = None  # DDP holds the process group: let go of it first
     end_processes()

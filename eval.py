@@ -26,8 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import DEVICE, at_least, check, check_device, configure, die, one_of, progress
-from hf import atomic_write, check_tokenizers, load_model, load_tokenizer
+import speculative
+from checkpoint import load_model
+from common import atomic_write, check_device, die, progress
+from configurator import DEVICE, at_least, check, configure, one_of
+from data import read_files, read_meta
+from hf import check_tokenizers, load_tokenizer
 from model import DTYPES, auto_dtype, filtered_probs
 
 # -----------------------------------------------------------------------------
@@ -67,7 +71,6 @@ def held_out(tok_path):
     """The held-out token ids, int64: a data_dir's val.bin, or a text file through the teacher's tokenizer (each
     document followed by EOS, as prepare.py writes the bins)."""
     if os.path.isdir(data):
-        from prepare import read_meta
         try:
             meta, dtype = read_meta(data)
         except ValueError as e:
@@ -83,14 +86,16 @@ def held_out(tok_path):
         die(f"--data={data}: neither a data_dir nor a .txt/.jsonl file")
     if not os.path.exists(data):
         die(f"--data={data}: no such file")
-    from prepare import read_files
     try:
         tok, eos = load_tokenizer(tok_path or "")
     except ValueError as e:
         die(f"the teacher's tokenizer: {e}")
     ids = []
-    for text in read_files([data], "text"):
-        ids += tok.encode(text, add_special_tokens=False) + [eos]
+    try:
+        for text in read_files([data], "text"):
+            ids += tok.encode(text, add_special_tokens=False) + [eos]
+    except ValueError as e:  # a damaged file (data.py): one line
+        die(str(e))
     return np.array(ids, dtype=np.int64)
 
 
@@ -204,8 +209,8 @@ def main():
             bar.update(2)
             for g in gs:
                 stats = {}
-                gen["g"][g]["s"] += timed(lambda: t_model.generate(x, new_tokens, *sampling, draft=m, draft_len=g,
-                                                                   stats=stats))[1]
+                gen["g"][g]["s"] += timed(lambda: speculative.generate(t_model, m, x, new_tokens, *sampling,
+                                                                       draft_len=g, stats=stats))[1]
                 for k in ("drafted", "accepted", "calls"):
                     gen["g"][g][k] += stats[k]
                 bar.update()

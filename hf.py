@@ -1,17 +1,17 @@
 """
-Checkpoints in and out: Hugging Face directories (config.json, safetensors, tokenizer files), the
-hub, and distill.py's ckpt.pt. model.py's Transformer.from_pretrained / from_state_dict /
-save_pretrained come through here.
+Hugging Face formats in and out: model directories (config.json, safetensors), tokenizers, the hub.
+
+    model = hf.load("Qwen/Qwen2.5-0.5B", dtype=torch.float16, device="cuda")  # or a local directory
+    hf.save(model, "out/hf", tokenizer_dir=...)  # what AutoModelForCausalLM.from_pretrained loads
 
 - resolve_pretrained: a local directory, or a hub id downloaded once into the Hugging Face cache.
 - config_from_hf / config_to_hf: config.json <-> ModelConfig, with a one-line refusal for what is
   not implemented.
-- read_pretrained / write_pretrained: the weights, as model.py names them, from and to safetensors.
-- model_from_state_dict: a Transformer holding given tensors, their names and shapes checked.
-- load_tokenizer / check_tokenizers: the tokenizer the data was made with; does a teacher read the
-  data's ids?
+- load / save / from_state_dict: a Transformer from and to safetensors, or from tensors in memory,
+  their names and shapes checked.
+- load_tokenizer / check_tokenizers / train_bpe: the tokenizer the data was made with; does a
+  teacher read the data's ids? A small BPE of Qwen2's pipeline (tests and experiments).
 - load_teacher: distill.py's teacher, checked against the data, or a one-line error.
-- load_checkpoint: distill.py's ckpt.pt, or a one-line error.
 """
 
 import json
@@ -21,18 +21,12 @@ import sys
 
 import torch
 
+from common import atomic_write, first_line
 from model import ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
-
-
-def atomic_write(path, write):
-    # write(tmp) fills a temporary name, then it is renamed: never half a file
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def resolve_pretrained(name, patterns=("*.json", "*.safetensors")):
@@ -166,11 +160,28 @@ def read_pretrained(path, dtype=torch.float32, device="cpu", max_seq_len=None):
     return config, sd, path
 
 
-def model_from_state_dict(config, sd, device="cpu", where="state dict"):
-    """model.py's Transformer.from_state_dict: a model of config holding the tensors of sd (our
-    names, as state_dict() gives them), in eval mode. Built on the meta device and assigned the
-    tensors, so the weights exist once in memory; names or shapes other than the config's are a
-    ValueError that says so in one line, where naming the file."""
+def load(path, dtype=torch.float32, device="cpu", verbose=False, max_seq_len=None):
+    """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B" -> a
+    Transformer in eval mode, in dtype on device. max_seq_len, the longest sequence it will run,
+    caps max_position_embeddings (smaller RoPE tables, fewer refusals)."""
+    config, sd, path = read_pretrained(path, dtype, device, max_seq_len)
+    model = from_state_dict(config, sd, device, where=path)
+    if verbose:
+        print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
+    return model
+
+
+def save(model, out_dir, tokenizer_dir=None):
+    """config.json and model.safetensors that transformers' AutoModelForCausalLM loads with the same
+    logits, plus the tokenizer's files when tokenizer_dir is given."""
+    write_pretrained(out_dir, model.config, model.state_dict(), tokenizer_dir)
+
+
+def from_state_dict(config, sd, device="cpu", where="state dict"):
+    """A Transformer of config holding the tensors of sd (our names, as state_dict() gives them), in
+    eval mode. Built on the meta device and assigned the tensors, so the weights exist once in
+    memory; names or shapes other than the config's are a ValueError that says so in one line,
+    where naming the file."""
     with torch.device("meta"):
         model = Transformer(config, verbose=False)
     expected = set(model.state_dict())
@@ -214,7 +225,7 @@ def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         src = os.path.join(tokenizer_dir, name)
         if os.path.exists(src):
-            atomic_write(os.path.join(out_dir, name), lambda p: shutil.copyfile(src, p))
+            atomic_write(os.path.join(out_dir, name), lambda p, src=src: shutil.copyfile(src, p))
     if tokenizer_dir and (auto := auto_tokenizer_differs(out_dir)):
         print(f"note: AutoTokenizer.from_pretrained({out_dir!r}) builds transformers' {auto}, "
               f"which encodes text into other ids than this tokenizer.json; load it with "
@@ -301,10 +312,6 @@ def load_tokenizer(name):
     return tok, eos
 
 
-def first_line(e):
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
 def check_tokenizers(teacher_dir, data_tokenizer, eos_id):
     """The teacher must read the data's token ids as its own: the same ids for PROBE (no BOS) and
     the data's EOS id as its EOS or as the same token. Otherwise a run would go on, its loss
@@ -361,11 +368,10 @@ def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, de
     if found:
         log(f"warning: {found[0]}")
     try:
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=verbose,
-                                            max_seq_len=block_size)
+        model = load(path, dtype=dtype, device=device, verbose=verbose, max_seq_len=block_size)
     except (OSError, ValueError) as e:
         raise one_line(e) from None
-    model.requires_grad_(False)  # frozen, and in eval mode from from_pretrained
+    model.requires_grad_(False)  # frozen, and in eval mode from load
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller "
                          f"than the tokenizer's ({vocab_size} ids): prepare the data with the "
@@ -376,117 +382,48 @@ def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, de
     return model
 
 
-# -----------------------------------------------------------------------------
-# distill.py's ckpt.pt
+# Qwen2's normalization and pre-tokenization, as its tokenizer.json states them. A small BPE trained
+# with them encodes alike when transformers loads it as itself and when, beside a qwen2 config.json
+# (an exported model), it loads it as Qwen2Tokenizer, which always rebuilds this pipeline.
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def load_checkpoint(path):
-    """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut
-    short, a full disk) or not distill.py's."""
-    import zipfile
+def train_bpe(texts, out_dir, vocab_size, eos="<|endoftext|>", bos=None, log=print):
+    """A byte-level BPE of vocab_size ids trained on texts, Qwen2's pipeline, eos as id 0, saved as
+    a transformers tokenizer directory: a CPU-sized stand-in for Qwen's (the experiments and the
+    tests train theirs). bos: a BOS added after training (the next id) and prepended by default,
+    as DeepSeek-R1-Distill-Qwen's does. log: a line before and after (None: silent)."""
+    import time
 
-    try:
-        # torch.save writes a zip: a cut or zeroed file is none, and torch's own error for that is a
-        # paragraph about .tar files
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not a whole torch.save archive")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch reports a cut zip archive as RuntimeError, other damage as other types
-        raise ValueError(f"{path} is damaged and cannot be read ({first_line(e)}); "
-                         f"restore a copy, or start again elsewhere") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
-    return ckpt
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
 
-
-def resume_log(path, iter_num):
-    """log.jsonl's rows of the iterations before iter_num (and its eval row), which a resume
-    keeps: the later ones run again. A last row cut short is dropped; any other damage is a
-    one-line ValueError."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-            assert isinstance(row, dict) and isinstance(row.get("iter"), int)
-        except (ValueError, AssertionError):
-            if i == len(lines) - 1 and line.startswith("{") and not line.endswith("\n"):
-                break  # the last row's write cut short: its iteration runs again
-            raise ValueError(f"{path} is damaged at line {i + 1}: restore it, or delete it "
-                             f"(the log then starts at iter {iter_num})") from None
-        if row["iter"] < iter_num or (row["iter"] == iter_num and "val_ce" in row):
-            rows.append(row)
-    return rows
-
-
-# a resume keeps the checkpoint's
-SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
-# they set the batches
-ORDER = ("batch_size", "block_size", "gradient_accumulation_steps", "data_dir", "seed")
-
-
-def compare_resume(ckpt, config, meta, world_size):
-    """A resume's settings and data against its checkpoint's. A ValueError (one line) if the data
-    was made with another tokenizer; else the lines that say what the checkpoint overrides, what
-    makes the resume inexact and what else changed. Updates config to the checkpoint's shape."""
-    old, old_meta, here = ckpt["config"], ckpt.get("meta") or {}, meta.get("tokenizer")
-    if old_meta and ((old_meta["vocab_size"], old_meta["eos_id"])
-                     != (meta["vocab_size"], meta["eos_id"])):
-        raise ValueError(f"the data has another tokenizer ({meta['vocab_size']} ids, "
-                         f"EOS {meta['eos_id']}) than the checkpoint's "
-                         f"({old_meta['vocab_size']} ids, EOS {old_meta['eos_id']}): "
-                         f"resume on the data it trained on, or start again")
-    lines = []
-    if ckpt.get("tokenizer") != here:  # another name: the same tokenizer elsewhere, or another one
-        try:
-            same = len({tuple(load_tokenizer(t or "")[0].encode(PROBE))
-                        for t in (ckpt.get("tokenizer"), here)})
-        except ValueError as e:
-            lines.append(f"warning: cannot check that the data has the checkpoint's tokenizer: {e}")
-        else:
-            if same != 1:
-                raise ValueError(f"the data's tokenizer {here} encodes text into other ids than "
-                                 f"{ckpt.get('tokenizer')}, the checkpoint's: "
-                                 f"resume on the data it trained on")
-    ignored = [f"{k} {config[k]} (the checkpoint's {old[k]})" for k in SHAPE
-               if old.get(k) != config[k]]
-    moved = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in ORDER if old.get(k) != config[k]]
-    if ckpt.get("world_size", world_size) != world_size:
-        moved.append(f"processes {ckpt['world_size']} -> {world_size}")
-    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items()
-               if k not in SHAPE + ORDER + ("init_from",) and old.get(k) != v]
-    for what, items in (("ignored, the student's shape is the checkpoint's", ignored),
-                        ("changed, so the resume is not exact (other batches)", moved),
-                        ("changed", changed)):
-        if items:
-            lines.append(f"  {what}: " + ", ".join(items))
-    config.update({k: old[k] for k in SHAPE if k in old})
-    return lines
-
-
-def load_model(path, device="cpu", dtype=torch.float32):
-    """A distill.py out_dir (its ckpt.pt, mid-training or finished), a Hugging Face directory or a
-    hub id -> (model in eval mode, its tokenizer's directory or hub id, None if unknown). sample.py
-    and eval.py load so. A float16 model keeps its residual stream in float32, as distill.py's
-    teacher does: Qwen2 models overflow float16 there, and a non-finite logit would reach the
-    sampler."""
-    ckpt_path = os.path.join(path, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        model = model_from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"],
-                                      where=ckpt_path).to(device=device, dtype=dtype)
-        hf_dir = os.path.join(path, "hf")
-        has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))
-        tokenizer = hf_dir if has_tokenizer else ckpt.get("tokenizer")
-    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} holds neither ckpt.pt (a distill.py out_dir) "
-                                f"nor config.json (a Hugging Face model directory)")
-    else:  # a hub id is downloaded once; its tokenizer comes from the same place
-        tokenizer = resolve_pretrained(path)
-        model = Transformer.from_pretrained(tokenizer, dtype=dtype, device=device, verbose=False)
-    model.fp32_residual = dtype == torch.float16
-    return model, tokenizer
+    t0, log = time.time(), log or (lambda *a: None)
+    log(f"training a BPE tokenizer of {vocab_size:,} ids into {out_dir}")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if bos:
+        tok.add_special_tokens([bos])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos,
+                            pad_token=eos).save_pretrained(str(out_dir))
+    log(f"trained the tokenizer in {time.time() - t0:.0f} s: {tok.get_vocab_size():,} ids")
+    return str(out_dir)

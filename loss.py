@@ -358,7 +358,7 @@ def _run_terms(*args):
         _compiled["terms"] = None
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"distill_loss: torch.compile failed ({type(e).__name__}: {first}); the "
-                      f"eager loss instead")
+                      f"eager loss instead", stacklevel=2)
         return None
 
 

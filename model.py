@@ -1,16 +1,16 @@
 """
 The Qwen2 architecture in one file, for teacher (Qwen2.5-0.5B) and student; Qwen3 teachers too.
 
-- ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2/Qwen3 config.json.
+- ModelConfig / CONFIGS: the two shapes this project uses, or any Qwen2/Qwen3 config.json (hf.py
+  reads them).
 - Transformer: GQA attention with RoPE, SwiGLU MLP, RMSNorm, pre-norm blocks, tied or untied head.
   model(idx) gives the final hidden states; model.lm_head(h) the logits.
-- from_pretrained / save_pretrained: Hugging Face Qwen2/Qwen3 checkpoints (hf.py handles the files).
-- generate / stream: sampling with a KV cache; with a draft model (the student), speculative
-  decoding (speculative.py).
+- generate / stream: sampling with a KV cache.
 
-The distillation loss, which applies the heads itself a chunk of tokens at a time, is loss.py.
-
-The module names follow Hugging Face's (minus the leading "model."), so loading is a rename.
+It imports nothing of the project. Loading and saving checkpoints is hf.py's (hf.load, hf.save),
+speculative decoding speculative.py's, the distillation loss, which applies the heads itself a chunk
+of tokens at a time, loss.py's. The module names follow Hugging Face's (minus the leading "model."),
+so loading is a rename.
 """
 
 import math
@@ -273,24 +273,11 @@ class Transformer(nn.Module):
     # generation
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-               draft=None, draft_len=4, stats=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
         """Yields the next token of every row, (B,), with a KV cache; stops at max_seq_len
-        (silently: sample.py says so). With a draft model (same vocabulary, batch size 1),
-        speculative decoding: exactly this model's tokens (temperature 0) or distribution; a stats
-        dict, if given, counts drafted, accepted and this model's calls."""
+        (silently: sample.py says so), or once every row has emitted eos_id."""
         B, T = idx.shape
-        room = self.config.max_seq_len - T
-        if room <= 0:
-            raise ValueError(f"the prompt ({T} tokens) leaves no room below "
-                             f"max_seq_len={self.config.max_seq_len}")
-        max_new_tokens = min(max_new_tokens, room)
-        if draft is not None:
-            sampling = (temperature, top_k, top_p)
-            from speculative import speculate
-
-            return (yield from speculate(self, draft, idx, max_new_tokens, sampling, eos_id,
-                                         draft_len, {} if stats is None else stats))
+        max_new_tokens = min(max_new_tokens, self.room(T))
         dtype = self.embed_tokens.weight.dtype
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
@@ -305,47 +292,19 @@ class Transformer(nn.Module):
             if cache.pos < cache.k.size(3):
                 h = self(nxt[:, None], cache)[:, -1]
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 draft=None, draft_len=4, stats=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
         """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops once all rows hit eos_id."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, draft,
-                               draft_len, stats))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    def room(self, T):  # new tokens a prompt of T tokens leaves below max_seq_len
+        if T >= self.config.max_seq_len:
+            raise ValueError(f"the prompt ({T} tokens) leaves no room below "
+                             f"max_seq_len={self.config.max_seq_len}")
+        return self.config.max_seq_len - T
 
     def logits(self, h):  # float32 logits of h (float32 over float16 weights with fp32_residual)
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
-
-    # -------------------------------------------------------------------------
-    # Hugging Face checkpoints (hf.py reads and writes the files)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", verbose=True,
-                        max_seq_len=None):
-        """A local Hugging Face Qwen2/Qwen3 directory or a hub id such as "Qwen/Qwen2.5-0.5B".
-        max_seq_len, the longest sequence it will run, caps max_position_embeddings (smaller RoPE
-        tables, fewer refusals)."""
-        from hf import model_from_state_dict, read_pretrained
-
-        config, sd, path = read_pretrained(path, dtype, device, max_seq_len)
-        model = model_from_state_dict(config, sd, device, where=path)
-        if verbose:
-            print(f"loaded {path}: {model.num_params():,} parameters, {dtype}")
-        return model
-
-    @classmethod
-    def from_state_dict(cls, config, sd, device="cpu", where="state dict"):
-        """A model holding the tensors of sd (our names, as state_dict() gives them), in eval mode,
-        the weights once in memory; hf.py checks their names and shapes."""
-        from hf import model_from_state_dict
-
-        return model_from_state_dict(config, sd, device, where)
-
-    def save_pretrained(self, out_dir, tokenizer_dir=None):
-        """config.json and model.safetensors that transformers' AutoModelForCausalLM loads, plus the
-        tokenizer's files when tokenizer_dir is given."""
-        from hf import write_pretrained
-
-        write_pretrained(out_dir, self.config, self.state_dict(), tokenizer_dir)
 
 
 # -----------------------------------------------------------------------------

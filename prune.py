@@ -23,12 +23,11 @@ of each of the 2 groups, 2048 of 4864 neurons; same head_dim, vocabulary and RoP
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import progress
-from model import Transformer
+from common import progress
+from hf import from_state_dict
 
 
 def check(tcfg, scfg):
@@ -168,7 +167,7 @@ def prune(teacher, scfg, keep, sums=None):
         sd[b + "mlp.up_proj.weight"] = t[a + "mlp.up_proj.weight"][n][:, ch]
         sd[b + "mlp.down_proj.weight"] = t[a + "mlp.down_proj.weight"][ch][:, n]
     sd = {k: v.float().contiguous() for k, v in sd.items()}
-    return Transformer.from_state_dict(scfg, sd, device=dev)
+    return from_state_dict(scfg, sd, device=dev)
 
 
 def cut(teacher, scfg, batches, layers="importance", width="importance", all_reduce=None):
@@ -182,26 +181,28 @@ def cut(teacher, scfg, batches, layers="importance", width="importance", all_red
     return prune(teacher, scfg, keep, sums).train(), keep
 
 
-def calibrate_and_cut(teacher, scfg, load, n_windows, count, seed, batch_size, layers="importance",
-                      width="importance", rank=0, world_size=1, all_reduce=None, log=print):
-    """distill.py's init_from=prune: cut() calibrated on count train windows drawn (seeded) from
-    the n_windows there are, load(window indices) giving their token ids. Each process runs the
-    teacher on its share, batch_size windows at a time (all_reduce adds the shares up). Logs the
-    cut; returns the student."""
+def calibrate_and_cut(teacher, scfg, batches, count, layers="importance", width="importance",
+                      log=print):
+    """distill.py's init_from=prune: cut() calibrated on batches, this process's share of count
+    train windows (token ids (B, T) on the teacher's device); under torchrun the processes' sums are
+    added up. Logs the cut; returns the student."""
+    import torch.distributed as dist
 
-    def batches():
-        windows = np.random.default_rng(seed).permutation(n_windows)[:count]
-        bar = progress(len(windows), "calibration", unit="windows", enabled=rank == 0)
-        mine = windows[rank::world_size]
-        for i in range(0, len(mine), batch_size):
-            yield load(mine[i:i + batch_size])
-            bar.update(len(mine[i:i + batch_size]) * world_size)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+
+    def counted():
+        bar = progress(count, "calibration", unit="windows",
+                       enabled=not dist.is_initialized() or dist.get_rank() == 0)
+        for x in batches:
+            yield x
+            bar.update(len(x) * world_size)
         bar.close()
 
     t0 = time.time()
-    log(f"pruning the student out of the teacher: the teacher runs over "
-        f"{min(count, n_windows)} windows of train.bin; its most important pieces stay")
-    student, keep = cut(teacher, scfg, batches(), layers, width, all_reduce)
+    log(f"pruning the student out of the teacher: the teacher runs over {count} windows of "
+        f"train.bin; its most important pieces stay")
+    student, keep = cut(teacher, scfg, counted(), layers, width,
+                        dist.all_reduce if dist.is_initialized() else None)
     log(f"pruned the student out of the teacher in {time.time() - t0:.1f} s: layers "
         f"{keep['layers'].tolist()} of {teacher.config.n_layer}; Transformer: "
         f"{student.num_params():,} parameters")

@@ -4,7 +4,7 @@ Generate text from the distilled student, or from any Qwen2 checkpoint (the teac
     python sample.py                                   # the student in out/
     python sample.py --init_from=Qwen/Qwen2.5-0.5B     # the teacher, through our model.py
     python sample.py --init_from=out/hf --start=FILE:prompt.txt --temperature=0
-    python sample.py --init_from=Qwen/Qwen2.5-1.5B --draft=out   # the student drafts for a teacher (speculative)
+    python sample.py --init_from=Qwen/Qwen2.5-1.5B --draft=out   # the student drafts (speculative)
 """
 
 import sys
@@ -12,8 +12,11 @@ import time
 
 import torch
 
-from configurator import DEVICE, at_least, check, check_device, configure, die, one_of
-from hf import load_model, load_tokenizer
+import speculative
+from checkpoint import load_model
+from common import check_device, die
+from configurator import DEVICE, at_least, check, configure, one_of
+from hf import load_tokenizer
 from model import DTYPES, auto_dtype
 
 # -----------------------------------------------------------------------------
@@ -26,8 +29,8 @@ top_k = 200  # keep only the k most likely tokens (None: all)
 top_p = None  # nucleus sampling: keep the most likely tokens up to this mass (None: all)
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "auto"  # float32 | bfloat16 | float16; auto: float32 on CPU, bfloat16 on sm80+, float16 before (T4)
-draft = None  # a draft model of init_from's vocabulary (the student: out_dir, HF directory, hub id): speculative
+dtype = "auto"  # float32 | bfloat16 | float16; auto: CPU float32, sm80+ bfloat16, else float16
+draft = None  # speculative: a draft of init_from's vocabulary (out_dir, HF dir, hub id)
 draft_len = 4  # tokens the draft proposes per call of init_from's model
 config = configure(globals())
 check(config, {
@@ -36,7 +39,8 @@ check(config, {
     "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(1, or_none=True),
     "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1] or None"), "seed": at_least(0),
     "device": DEVICE, "dtype": one_of("auto", *DTYPES),
-    "draft": ((lambda v: v is None or isinstance(v, str) and v != ""), "a directory or a hub id, or None"),
+    "draft": ((lambda v: v is None or isinstance(v, str) and v != ""),
+              "a directory or a hub id, or None"),
     "draft_len": at_least(1)})
 # -----------------------------------------------------------------------------
 
@@ -62,22 +66,28 @@ def main():
     if not ids:
         die("the prompt is empty; give some text with --start")
     if len(ids) >= model.config.max_seq_len:
-        die(f"the prompt is {len(ids)} tokens, and the model takes {model.config.max_seq_len} in all: shorten it")
+        die(f"the prompt is {len(ids)} tokens, and the model takes {model.config.max_seq_len} in "
+            f"all: shorten it")
     x = torch.tensor([ids], dtype=torch.long, device=device)
     if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
-        die(f"the draft {draft} has {draft_model.config.vocab_size} vocabulary rows and {init_from} "
-            f"{model.config.vocab_size}: a draft needs the same vocabulary")
+        die(f"the draft {draft} has {draft_model.config.vocab_size} vocabulary rows and "
+            f"{init_from} {model.config.vocab_size}: a draft needs the same vocabulary")
     print(f"{init_from}: {model.num_params():,} parameters, {dt}, {device}", file=sys.stderr)
     if draft_model is not None:
-        print(f"draft {draft}: {draft_model.num_params():,} parameters, {draft_len} tokens per call", file=sys.stderr)
+        print(f"draft {draft}: {draft_model.num_params():,} parameters, {draft_len} tokens per "
+              f"call", file=sys.stderr)
     room = model.config.max_seq_len - len(ids)
     if max_new_tokens > room:
-        print(f"note: stopping after {room} new tokens, at max_seq_len={model.config.max_seq_len}", file=sys.stderr)
+        print(f"note: stopping after {room} new tokens, at max_seq_len={model.config.max_seq_len}",
+              file=sys.stderr)
     for _ in range(num_samples):
-        out, shown, t0, stats = list(ids), tokenizer.decode(ids, skip_special_tokens=True), time.time(), {}
+        out, stats, t0 = list(ids), {}, time.time()
+        shown = tokenizer.decode(ids, skip_special_tokens=True)
         print(shown, end="", flush=True)
-        for tok in model.stream(x, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id, draft=draft_model,
-                                draft_len=draft_len, stats=stats):
+        sampling = (max_new_tokens, temperature, top_k, top_p, eos_id)
+        tokens = model.stream(x, *sampling) if draft_model is None else \
+            speculative.stream(model, draft_model, x, *sampling, draft_len, stats)
+        for tok in tokens:
             if tok.item() == eos_id:
                 break
             out.append(tok.item())
@@ -91,7 +101,8 @@ def main():
         if stats:
             print(f"draft: {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
                   f"({stats['accepted'] / max(stats['drafted'], 1):.1%}), "
-                  f"{(stats['accepted'] + stats['calls']) / stats['calls']:.2f} tokens per teacher call", file=sys.stderr)
+                  f"{(stats['accepted'] + stats['calls']) / stats['calls']:.2f} tokens per teacher "
+                  f"call", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,38 @@
 """
 Speculative decoding (Leviathan et al. 2023, Chen et al. 2023): a small draft model (the student)
 proposes a few tokens one by one, the model it drafts for (its teacher) scores them all in one call,
-and what comes out follows that model's distribution exactly. Transformer.generate / stream run it
-when given a draft; eval.py measures how well a student drafts (docs/draft.md).
+and what comes out follows that model's distribution exactly. eval.py measures how well a student
+drafts (docs/draft.md).
+
+    out = speculative.generate(teacher, student, idx, max_new_tokens, temperature=0, draft_len=4)
+
+generate and stream take model.generate's arguments, the draft after the model; above model.py,
+which knows nothing of drafts.
 """
 
 import torch
 import torch.nn.functional as F
 
 from model import KVCache, filtered_probs
+
+
+@torch.no_grad()
+def stream(model, draft, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+           draft_len=4, stats=None):
+    """model.stream's tokens, (1,) each, drafted by draft (the same vocabulary; batch size 1): the
+    model's greedy tokens exactly at temperature 0, its distribution otherwise. stats, a dict if
+    given, counts drafted, accepted and the model's calls."""
+    max_new_tokens = min(max_new_tokens, model.room(idx.size(1)))
+    return (yield from speculate(model, draft, idx, max_new_tokens, (temperature, top_k, top_p),
+                                 eos_id, draft_len, {} if stats is None else stats))
+
+
+def generate(model, draft, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             eos_id=None, draft_len=4, stats=None):
+    """idx (1, T) -> (1, T + new), as model.generate, drafted by draft."""
+    new = list(stream(model, draft, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                      draft_len, stats))
+    return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 
 def speculate(model, draft, idx, max_new_tokens, sampling, eos_id, gamma, stats):

@@ -126,10 +126,10 @@ def exact_eval(run_dir, teacher_dir, data_dir, train, temperature):
     import numpy as np
     import torch
 
+    import hf
     from loss import distill_loss
-    from model import Transformer
 
-    t, s = (Transformer.from_pretrained(os.path.join(d, "hf"), verbose=False) for d in (teacher_dir, run_dir))
+    t, s = (hf.load(os.path.join(d, "hf"), verbose=False) for d in (teacher_dir, run_dir))
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     block, batch = train["block_size"], train["batch_size"]
@@ -191,7 +191,8 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "size.json"), "w") as f:
         json.dump({"size": args.size}, f)
-    from prepare import find_files, read_files, train_bpe
+    from data import find_files, read_files
+    from hf import train_bpe
 
     # 1. tokenizer and data
     tok_dir, data_dir = os.path.join(out, "tokenizer"), os.path.join(out, "data")

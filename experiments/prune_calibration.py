@@ -23,6 +23,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import hf  # noqa: E402
 from kd_vs_ce import SIZES  # noqa: E402
 from loss import distill_loss  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -68,7 +69,7 @@ def main():
     torch.set_grad_enabled(False)
     size = SIZES[args.size]
     block = size["train"]["block_size"]
-    teacher = Transformer.from_pretrained(os.path.join(args.out, "teacher", "hf"), verbose=False)
+    teacher = hf.load(os.path.join(args.out, "teacher", "hf"), verbose=False)
     tcfg, s = teacher.config, size["student"]
     scfg = ModelConfig(vocab_size=tcfg.vocab_size, n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_kv_head"],
                        n_embd=s["n_embd"], head_dim=s["n_embd"] // s["n_head"], intermediate_size=s["intermediate_size"],

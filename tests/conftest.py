@@ -25,8 +25,8 @@ CORPUS = [
 
 
 def make_tokenizer(out_dir, texts=CORPUS, vocab_size=300, eos="<|endoftext|>", bos=None):
-    """A tiny BPE of Qwen2's pipeline (prepare.train_bpe), eos as id 0; bos: one added and prepended by default."""
-    from prepare import train_bpe
+    """A tiny BPE of Qwen2's pipeline (hf.train_bpe), eos as id 0; bos: one added and prepended by default."""
+    from hf import train_bpe
 
     return train_bpe(texts, out_dir, vocab_size, eos, bos)
 
@@ -34,6 +34,8 @@ def make_tokenizer(out_dir, texts=CORPUS, vocab_size=300, eos="<|endoftext|>", b
 def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):
     """A tiny random Qwen2 checkpoint exported through model.py (random biases and norm weights too)."""
     import torch
+
+    import hf
     from model import ModelConfig, Transformer
 
     torch.manual_seed(seed)
@@ -44,7 +46,7 @@ def make_model_dir(out_dir, tokenizer_dir=None, vocab_size=320, seed=0, **kw):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    model.save_pretrained(str(out_dir), tokenizer_dir=tokenizer_dir)
+    hf.save(model, str(out_dir), tokenizer_dir=tokenizer_dir)
     return str(out_dir)
 
 
@@ -53,6 +55,8 @@ def make_loud_model_dir(out_dir, tokenizer_dir=None, vocab_size=320):
     miniature: 3e4 in one channel, then two blocks adding ~2e4 each), as a real teacher's does from 1.5B up:
     in float16 throughout its hidden states are inf; over a float32 residual stream they are finite."""
     import torch
+
+    import hf
     from model import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -66,7 +70,7 @@ def make_loud_model_dir(out_dir, tokenizer_dir=None, vocab_size=320):
             for w in (b.mlp.gate_proj.weight, b.mlp.up_proj.weight):
                 w.zero_()[:, 0] = 1.0  # every neuron: silu(5.66) * 5.66 ~ 32
             b.mlp.down_proj.weight.zero_()[0] = 13.0  # 48 neurons * 32 * 13 ~ 2e4 into channel 0
-    model.save_pretrained(str(out_dir), tokenizer_dir=tokenizer_dir)
+    hf.save(model, str(out_dir), tokenizer_dir=tokenizer_dir)
     return str(out_dir)
 
 

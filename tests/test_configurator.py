@@ -30,3 +30,16 @@ def test_a_and_an(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="learning_rate takes a float \\(default 0.0006\\), got 'x'"):
         settings(["--learning_rate=x"], tmp_path, monkeypatch)
     assert settings(["--learning_rate=1"], tmp_path, monkeypatch)["learning_rate"] == 1.0
+
+
+def test_key_space_value_and_bare_flags(monkeypatch, tmp_path):
+    """--key value as argparse takes it, a bare --flag for a True/False setting, and --key without a value
+    refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    g = {"__file__": os.path.join(REPO, "distill.py"), "batch_size": 8, "compile": False, "teacher": "x", "runs": ""}
+    got = configurator.configure(dict(g), ["--batch_size", "4", "--compile", "--teacher", "None"])
+    assert (got["batch_size"], got["compile"], got["teacher"]) == (4, True, None)
+    assert configurator.configure(dict(g), ["--compile", "False"])["compile"] is False
+    with pytest.raises(SystemExit, match="--batch_size: give it a value, as --batch_size=VALUE"):
+        configurator.configure(dict(g), ["--batch_size"])
+    assert configurator.configure(dict(g), ["a", "--batch_size=2", "b"], plain="runs")["runs"] == "a,b"

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf
 from conftest import REPO, TINY, make_model_dir, read_log, run, write_data
 
 LEARN = ["--alpha=0.9", "--learning_rate=3e-3", "--warmup_iters=5"]
@@ -35,7 +36,7 @@ def load_student(out_dir):
     from model import ModelConfig, Transformer
 
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-    return Transformer.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"]), ckpt
+    return hf.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"]), ckpt
 
 
 def val_batch(data, block_size=64, n=8):
@@ -84,7 +85,7 @@ def test_eval_matches_a_plain_computation(straight, data, model_dir):
     from model import Transformer
 
     x, y = val_batch(data)
-    teacher = Transformer.from_pretrained(model_dir, verbose=False)
+    teacher = hf.load(model_dir, verbose=False)
     student, _ = load_student(straight)
     with torch.no_grad():
         zt, zs = (m.lm_head(m(x))[..., :300] for m in (teacher, student))  # the tokenizer's 300 ids; then padding
@@ -224,10 +225,10 @@ def odd(tmp_path_factory, tokenizer_dir, data, straight):
     d = tmp_path_factory.mktemp("odd")
     small = make_model_dir(d / "small_vocab", tokenizer_dir, vocab_size=256)
     poisoned = make_model_dir(d / "poisoned", tokenizer_dir)
-    model = Transformer.from_pretrained(poisoned, verbose=False)
+    model = hf.load(poisoned, verbose=False)
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")  # -> NaN hidden states
-    model.save_pretrained(poisoned)
+    hf.save(model, poisoned)
     cut_teacher = make_model_dir(d / "cut_teacher", tokenizer_dir)  # a download cut short
     truncate(os.path.join(cut_teacher, "model.safetensors"))
 

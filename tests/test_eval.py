@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf
 from conftest import REPO, make_model_dir
 from model import Transformer, filtered_probs
 
@@ -43,13 +44,13 @@ def test_teacher_forced_numbers_equal_full_logits(pair, data):
     n = len(ids) // (block + 1)
     win = torch.from_numpy(ids[:n * (block + 1)].reshape(n, block + 1)[np.arange(n_windows) * n // n_windows])
     x, y = win[:, :-1], win[:, 1:]
-    t = Transformer.from_pretrained(teacher, verbose=False)
+    t = hf.load(teacher, verbose=False)
     with torch.no_grad():
         z_t = t.lm_head(t(x)).flatten(0, 1)
         p = z_t.softmax(-1)
         assert result["teacher_val_ce"] == pytest.approx(F.cross_entropy(z_t, y.flatten()).item(), rel=1e-5)
         for path in students:
-            s = Transformer.from_pretrained(path, verbose=False)
+            s = hf.load(path, verbose=False)
             z_s = s.lm_head(s(x)).flatten(0, 1)
             q = z_s.softmax(-1)
             got = result["students"][path]

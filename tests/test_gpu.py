@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf
 from conftest import REPO, TINY, make_loud_model_dir, make_model_dir, read_log, run
 
 pytestmark = pytest.mark.gpu
@@ -50,7 +51,7 @@ def test_model_in_half_precision_is_as_close_as_transformers(dtype, model_dir):
     x = torch.randint(0, 300, (2, 64), device=DEVICE)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
     theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE).eval()
-    ours = Transformer.from_pretrained(model_dir, dtype=dtype, device=DEVICE, verbose=False)
+    ours = hf.load(model_dir, dtype=dtype, device=DEVICE, verbose=False)
     with torch.no_grad():
         z = ref(x).logits.float()
         theirs_err = (theirs(x).logits.float() - z).abs().max().item()
@@ -63,17 +64,17 @@ def test_greedy_generation_equals_transformers_on_the_gpu(model_dir, tmp_path):
     decoding with a draft gives the same tokens again."""
     from transformers import AutoModelForCausalLM
 
-    from model import Transformer
+    import speculative
 
-    ours = Transformer.from_pretrained(model_dir, device=DEVICE, verbose=False)
-    draft = Transformer.from_pretrained(make_model_dir(tmp_path / "draft", seed=5, n_layer=1), device=DEVICE,
+    ours = hf.load(model_dir, device=DEVICE, verbose=False)
+    draft = hf.load(make_model_dir(tmp_path / "draft", seed=5, n_layer=1), device=DEVICE,
                                         verbose=False)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE).eval()
     prompt = torch.randint(0, 300, (1, 8), device=DEVICE)
     want = ref.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(ours.generate(prompt, 24, temperature=0), want)
     for g in (1, 4):
-        assert torch.equal(ours.generate(prompt, 24, temperature=0, draft=draft, draft_len=g), want)
+        assert torch.equal(speculative.generate(ours, draft, prompt, 24, temperature=0, draft_len=g), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
@@ -261,7 +262,7 @@ def test_distill_trains_in_each_dtype(dtype, data, loud, tmp_path):
     rows, evals = read_log(tmp_path)
     assert evals[-1]["val_ce"] < evals[0]["val_ce"] and all(np.isfinite(r["loss"]) for r in rows)
     if ON_GPU:
-        from configurator import PEAK_FLOPS
+        from common import PEAK_FLOPS
 
         assert rows[-1]["peak_reserved_gb"] > 0
         words = torch.cuda.get_device_name().replace("-", " ").split()

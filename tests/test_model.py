@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
+import hf
 from hf import config_from_hf
 from loss import distill_loss
 from model import CONFIGS, ModelConfig, Transformer, sample_next
@@ -52,7 +53,7 @@ FAMILIES = {
 def test_logits_match_transformers(tmp_path, shape):
     ref = hf_model(*shape)
     ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path), verbose=False)
+    ours = hf.load(str(tmp_path), verbose=False)
     assert ours.config.tie_word_embeddings == shape[0]
     assert ours.num_params() == sum(p.numel() for p in ref.parameters())
     idx = torch.randint(0, shape[-1], (3, 37))
@@ -67,7 +68,7 @@ def test_training_gradients_match_transformers(tmp_path, shape):
     # the training path, hidden states and the head's weight into distill_loss (CE only), against transformers
     ref = hf_model(*shape).train()
     ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path), verbose=False)
+    ours = hf.load(str(tmp_path), verbose=False)
     idx, y = torch.randint(0, shape[-1], (2, 21)), torch.randint(0, shape[-1], (2, 21))
     y[0, :5] = -100
     distill_loss(ours(idx), ours.lm_head.weight, None, None, y, alpha=0.0, chunk_size=8)[0].backward()
@@ -87,17 +88,17 @@ def test_export_round_trip(tmp_path, tokenizer_dir, tied):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    ours.save_pretrained(tmp_path, tokenizer_dir=tokenizer_dir)
+    hf.save(ours, tmp_path, tokenizer_dir=tokenizer_dir)
     assert not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "tokenizer.json").exists()
-    hf = json.loads((tmp_path / "config.json").read_text())
-    assert hf["model_type"] == "qwen2" and hf["architectures"] == ["Qwen2ForCausalLM"]
-    assert hf["eos_token_id"] == 0  # <|endoftext|>, the test tokenizer's first id
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    assert cfg_json["model_type"] == "qwen2" and cfg_json["architectures"] == ["Qwen2ForCausalLM"]
+    assert cfg_json["eos_token_id"] == 0  # <|endoftext|>, the test tokenizer's first id
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 90, (2, 50))
     with torch.no_grad():
         assert (ours.lm_head(ours(idx)) - ref(idx).logits).abs().max().item() <= 1e-4
-    again = Transformer.from_pretrained(str(tmp_path), verbose=False)
+    again = hf.load(str(tmp_path), verbose=False)
     for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -106,7 +107,7 @@ def test_export_round_trip(tmp_path, tokenizer_dir, tied):
 def test_teacher_families_match_transformers(tmp_path, family):
     ref = random_hf(FAMILIES[family])
     ref.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(str(tmp_path / "hf"), verbose=False)
+    ours = hf.load(str(tmp_path / "hf"), verbose=False)
     assert ours.config.model_type == ref.config.model_type
     assert ours.num_params() == sum(p.numel() for p in ref.parameters())  # q_norm/k_norm, biases, head
     idx = torch.randint(0, ref.config.vocab_size, (2, 40))
@@ -117,9 +118,9 @@ def test_teacher_families_match_transformers(tmp_path, family):
     theirs = ref.generate(prompt, max_new_tokens=15, do_sample=False)
     assert torch.equal(ours.generate(prompt, 15, temperature=0), theirs)
     # our export loads in transformers as the same architecture, with the same logits
-    ours.save_pretrained(tmp_path / "ours")
-    hf = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert hf["architectures"] == ref.config.architectures and hf["model_type"] == ref.config.model_type
+    hf.save(ours, tmp_path / "ours")
+    cfg_json = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert cfg_json["architectures"] == ref.config.architectures and cfg_json["model_type"] == ref.config.model_type
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert type(back) is type(ref)
     with torch.no_grad():
@@ -142,10 +143,10 @@ def test_sliding_window_refused_only_where_it_matters(tmp_path, window, max_wind
     ref.save_pretrained(tmp_path)
     if refused:
         with pytest.raises(ValueError, match=f"use_sliding_window.*sliding_window={window}") as e:
-            Transformer.from_pretrained(str(tmp_path), max_seq_len=max_seq_len)
+            hf.load(str(tmp_path), max_seq_len=max_seq_len)
         assert "\n" not in str(e.value)
         return
-    ours = Transformer.from_pretrained(str(tmp_path), verbose=False, max_seq_len=max_seq_len)
+    ours = hf.load(str(tmp_path), verbose=False, max_seq_len=max_seq_len)
     T = ours.config.max_seq_len
     assert T == (max_seq_len or 64) and ours.rope_cos.shape[0] == T
     idx = torch.randint(0, 101, (2, T))  # the longest sequence: where a window would first show
@@ -169,11 +170,11 @@ REFUSED = [  # config.json, what the one-line error says
 ]
 
 
-@pytest.mark.parametrize("hf, match", REFUSED)
-def test_refused_configs(tmp_path, hf, match):
-    (tmp_path / "config.json").write_text(json.dumps(hf))
+@pytest.mark.parametrize("cfg_json, match", REFUSED)
+def test_refused_configs(tmp_path, cfg_json, match):
+    (tmp_path / "config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(ValueError, match=match) as e:
-        Transformer.from_pretrained(str(tmp_path))
+        hf.load(str(tmp_path))
     assert "\n" not in str(e.value)
 
 
@@ -193,21 +194,21 @@ def test_config_from_hf_defaults():
     bad = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, head_dim=8,
                                   intermediate_size=32, qk_norm=True), verbose=False)
     with pytest.raises(ValueError, match="no Hugging Face layout"):  # a qwen2 has no q/k norms
-        bad.save_pretrained("unused")
+        hf.save(bad, "unused")
 
 
 def test_sharded_checkpoint(tmp_path):
     ref = hf_model(*SHAPES[1])
     ref.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(str(tmp_path), verbose=False)
+    ours = hf.load(str(tmp_path), verbose=False)
     idx = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert (ours.lm_head(ours(idx)) - ref(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_kv_cache_generation_equals_recompute(model_dir):
-    model = Transformer.from_pretrained(model_dir, verbose=False)
+    model = hf.load(model_dir, verbose=False)
     idx = torch.randint(0, 320, (2, 7))
     out = model.generate(idx, 20, temperature=0)
     x = idx
@@ -218,7 +219,7 @@ def test_kv_cache_generation_equals_recompute(model_dir):
 
 
 def test_greedy_generation_equals_transformers(model_dir):
-    model = Transformer.from_pretrained(model_dir, verbose=False)
+    model = hf.load(model_dir, verbose=False)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     idx = torch.randint(1, 320, (1, 9))  # id 0 is EOS
     ours = model.generate(idx, 25, temperature=0, eos_id=0)
@@ -227,7 +228,7 @@ def test_greedy_generation_equals_transformers(model_dir):
 
 
 def test_generation_stops_at_max_seq_len(model_dir):
-    model = Transformer.from_pretrained(model_dir, verbose=False)  # max_seq_len 128
+    model = hf.load(model_dir, verbose=False)  # max_seq_len 128
     out = model.generate(torch.ones(1, 120, dtype=torch.long), 50, temperature=1.0, top_k=5)
     assert out.shape == (1, 128)
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -277,9 +278,9 @@ def test_init_and_rope_dtype():
 
 def test_from_pretrained_errors(tmp_path, model_dir):
     with pytest.raises(FileNotFoundError, match="no directory"):
-        Transformer.from_pretrained(str(tmp_path / "nope"))
+        hf.load(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(str(tmp_path))
+        hf.load(str(tmp_path))
     # missing keys: drop a layer's weights from a good checkpoint
     from safetensors.torch import load_file, save_file
     bad = tmp_path / "bad"
@@ -288,9 +289,9 @@ def test_from_pretrained_errors(tmp_path, model_dir):
     sd = {k: v for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items() if "layers.1." not in k}
     save_file(sd, bad / "model.safetensors")
     with pytest.raises(ValueError, match="missing .*layers.1"):
-        Transformer.from_pretrained(str(bad))
+        hf.load(str(bad))
     with pytest.raises(FileNotFoundError, match="pass a local directory"):
-        Transformer.from_pretrained("Qwen/No-Such-Model-For-Tests")  # HF_HUB_OFFLINE=1 in conftest
+        hf.load("Qwen/No-Such-Model-For-Tests")  # HF_HUB_OFFLINE=1 in conftest
 
 
 def test_compiles_to_one_graph():

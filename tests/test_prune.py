@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import hf
 from conftest import TINY, make_model_dir, read_log, run
 from model import CONFIGS, ModelConfig, Transformer
 from prune import importance, prune, select
@@ -119,7 +120,7 @@ def test_real_shapes(tmp_path):
     student = prune(teacher, cfg, select(sums, teacher.config, cfg), sums)
     assert student.num_params() == 123_426_304
     del teacher
-    student.save_pretrained(tmp_path)
+    hf.save(student, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 12
     with torch.no_grad():

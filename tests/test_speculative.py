@@ -4,8 +4,10 @@ cache extends by several tokens and rolls back, transformers takes our student a
 import pytest
 import torch
 
+import hf
 from conftest import make_model_dir
 from model import KVCache, ModelConfig, Transformer, filtered_probs
+import speculative
 from speculative import accept as speculative_accept
 from test_sample import run_sample
 
@@ -78,7 +80,7 @@ def test_generator_keeps_the_target_distribution():
     torch.manual_seed(0)
     counts = torch.zeros(8, 8, dtype=torch.float64)
     for _ in range(1200):
-        out = teacher.generate(prompt, 2, *sampling, draft=draft, draft_len=1)
+        out = speculative.generate(teacher, draft, prompt, 2, *sampling, draft_len=1)
         counts[out[0, 3], out[0, 4]] += 1
     with torch.no_grad():
         p1 = filtered_probs(teacher.logits(teacher(prompt)[:, -1]), *sampling)[0]
@@ -93,19 +95,19 @@ def test_greedy_equals_the_teachers_greedy(g):
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
     for draft in (tiny(1, vocab_size=64, n_layer=1), teacher):  # a poor draft, and a perfect one
         stats = {}
-        out = teacher.generate(prompt, 40, 0.0, draft=draft, draft_len=g, stats=stats)
+        out = speculative.generate(teacher, draft, prompt, 40, 0.0, draft_len=g, stats=stats)
         assert torch.equal(out, teacher.generate(prompt, 40, 0.0))
         assert out.size(1) == 45 and 0 <= stats["accepted"] <= stats["drafted"]
         assert out.size(1) - 5 == stats["accepted"] + stats["calls"]  # every call: its accepted drafts + one
     assert stats["accepted"] == stats["drafted"]  # the teacher drafting for itself
     # max_seq_len inside a drafted block: it stops there, the same as without a draft
-    long = teacher.generate(prompt, 100, 0.0, draft=draft, draft_len=g)
+    long = speculative.generate(teacher, draft, prompt, 100, 0.0, draft_len=g)
     assert long.size(1) == 48 and torch.equal(long, teacher.generate(prompt, 100, 0.0))
     # EOS inside a drafted block ends the output at it
     plain = teacher.generate(prompt, 40, 0.0)
     eos = plain[0, 5 + 7].item()
     first = 5 + (plain[0, 5:] == eos).nonzero()[0].item()
-    got = teacher.generate(prompt, 40, 0.0, eos_id=eos, draft=teacher, draft_len=g)
+    got = speculative.generate(teacher, teacher, prompt, 40, 0.0, eos_id=eos, draft_len=g)
     assert torch.equal(got, plain[:, :first + 1])
 
 
@@ -116,16 +118,17 @@ def test_a_draft_with_a_shorter_context_drafts_until_it_is_full():
     for draft_len, draft_context in ((3, 15), (3, 4)):  # drafts to its last position; a prompt longer than 4: none
         stats = {}
         short = tiny(0, vocab_size=64, max_seq_len=draft_context)  # the teacher's weights: every draft passes
-        assert torch.equal(teacher.generate(prompt, 40, 0.0, draft=short, draft_len=draft_len, stats=stats), plain)
+        assert torch.equal(speculative.generate(teacher, short, prompt, 40, 0.0, draft_len=draft_len,
+                                                stats=stats), plain)
         assert stats["accepted"] == stats["drafted"] == (9 if draft_context == 15 else 0)
 
 
 def test_draft_must_share_the_vocabulary_and_batch_size_is_one():
     teacher = tiny(0)
     with pytest.raises(ValueError, match="vocabulary"):
-        teacher.generate(torch.ones(1, 3, dtype=torch.long), 4, draft=tiny(1, vocab_size=V + 1))
+        speculative.generate(teacher, tiny(1, vocab_size=V + 1), torch.ones(1, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="batch size 1"):
-        teacher.generate(torch.ones(2, 3, dtype=torch.long), 4, draft=tiny(1))
+        speculative.generate(teacher, tiny(1), torch.ones(2, 3, dtype=torch.long), 4)
 
 
 @pytest.mark.parametrize("n_kv_head", [2, 4])  # GQA (K/V expanded) and plain multi-head attention
@@ -157,8 +160,8 @@ def test_transformers_takes_our_student_as_assistant(tmp_path, tokenizer_dir):
     assisted = t.generate(idx, assistant_model=s, max_new_tokens=20, do_sample=False, eos_token_id=None,
                           pad_token_id=0)
     assert torch.equal(assisted, plain)
-    ours_t, ours_s = (Transformer.from_pretrained(d, verbose=False) for d in (teacher_dir, student_dir))
-    assert torch.equal(ours_t.generate(idx, 20, 0.0, draft=ours_s, draft_len=4), plain)
+    ours_t, ours_s = (hf.load(d, verbose=False) for d in (teacher_dir, student_dir))
+    assert torch.equal(speculative.generate(ours_t, ours_s, idx, 20, 0.0, draft_len=4), plain)
 
 
 def test_sample_with_a_draft(tmp_path, model_dir, tokenizer_dir):

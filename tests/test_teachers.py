@@ -27,8 +27,8 @@ def teacher_dir(path, cfg, tokenizer_dir=None, edit=None):
     for name in os.listdir(tokenizer_dir) if tokenizer_dir else ():
         shutil.copy(os.path.join(tokenizer_dir, name), path)
     if edit:
-        hf = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(edit(hf)))
+        cfg_json = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(edit(cfg_json)))
     return str(path)
 
 
@@ -57,9 +57,9 @@ def test_distills_from(family, tmp_path, data, tokenizer_dir, deepseek_tokenizer
     _, evals = read_log(out)
     assert evals[0]["teacher_val_ce"] > 0 and evals[-1]["iter"] == 3
     student = AutoModelForCausalLM.from_pretrained(out / "hf")
-    hf = json.loads((out / "hf" / "config.json").read_text())
-    assert hf["model_type"] == "qwen2" and hf["vocab_size"] == cfg.vocab_size and hf["tie_word_embeddings"]
-    assert hf["rope_theta"] == cfg.rope_parameters["rope_theta"]  # the teacher's RoPE
+    cfg_json = json.loads((out / "hf" / "config.json").read_text())
+    assert cfg_json["model_type"] == "qwen2" and cfg_json["vocab_size"] == cfg.vocab_size and cfg_json["tie_word_embeddings"]
+    assert cfg_json["rope_theta"] == cfg.rope_parameters["rope_theta"]  # the teacher's RoPE
     assert student.num_parameters() > 0
 
 

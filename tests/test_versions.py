@@ -7,25 +7,25 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import configurator  # noqa: E402
+import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_torch_below_the_floor_is_one_line(monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
     monkeypatch.setattr(sys, "argv", ["distill.py"])
     with pytest.raises(SystemExit) as e:
-        configurator.check_torch()
-    assert str(e.value) == ("distill.py: error: torch 2.7.1+cu126 is installed; this code needs torch >= 2.8 "
-                            "(pip install 'torch>=2.8')")
-    monkeypatch.setattr(torch, "__version__", "2.8.0")
-    configurator.check_torch()
+        common.check_torch()
+    assert str(e.value) == ("distill.py: error: torch 2.9.1+cu128 is installed; this code needs torch >= 2.10 "
+                            "(pip install 'torch>=2.10')")
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    common.check_torch()
 
 
 def test_requirements_state_the_floor():
     with open(os.path.join(REPO, "requirements.txt")) as f:
         text = f.read()
     floor = re.search(r"^torch>=(\d+)\.(\d+)", text, re.M)
-    assert floor and tuple(map(int, floor.groups())) == configurator.TORCH_FLOOR
+    assert floor and tuple(map(int, floor.groups())) == common.TORCH_FLOOR
     assert re.search(r"^transformers>=5", text, re.M)
