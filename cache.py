@@ -31,12 +31,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import progress
+from common import WriteError, atomic_write, progress
 from loss import head
 
 VERSION = 1
 # 9 bytes, unaligned
 TOKEN = np.dtype([("n", "u1"), ("entropy", "<f2"), ("argmax", "<u4"), ("ce", "<f2")])
+TOKEN_FILES = ("entries", "tokens")  # SPLIT.entries.bin, SPLIT.tokens.bin
 
 
 def fingerprint(path):  # size and sha1 of a bin: a cache of other data is refused
@@ -174,51 +175,62 @@ def build(cache_dir, teacher, bins, meta, batch_size, rank=0, world_size=1, prog
     process builds a contiguous share of the windows into part files; rank 0 joins them in order
     once all are done, and writes meta.json last. Every window draws from its own generator,
     seeded by meta's seed and its index, so the cache is the same whatever the number of
-    processes."""
+    processes. A failed write (a full disk) removes this process's part files: WriteError."""
     os.makedirs(cache_dir, exist_ok=True)
     w, seed = teacher.lm_head.weight, meta["seed"]
     for s, split in enumerate(("train", "val")):
         n = bins.n_windows(split)
         mine = range(rank * n // world_size, (rank + 1) * n // world_size)
-        part = {kind: open(os.path.join(cache_dir, f"{split}.{kind}.bin.part{rank}"), "wb")
-                for kind in ("entries", "tokens")}
+        names = {kind: os.path.join(cache_dir, f"{split}.{kind}.bin") for kind in TOKEN_FILES}
+        part = {kind: open(f"{name}.part{rank}", "wb") for kind, name in names.items()}
         gen = torch.Generator(device=w.device)
-        for i in range(mine.start, mine.stop, batch_size):
-            windows = list(range(i, min(i + batch_size, mine.stop)))
-            x, y = bins.batch(split, windows, w.device)
-            h = teacher(x)
-            for b, window in enumerate(windows):
-                gen.manual_seed(seed * 1_000_003 + s * 100_000_007 + window)
-                entries, tokens = window_entries(h[b], w, y[b], meta["vocab_size"],
-                                                 meta["temperature"], meta["cache_samples"],
-                                                 meta["cache_topk"], gen)
-                entries.tofile(part["entries"])
-                tokens.tofile(part["tokens"])
-            if progress:
-                progress(split, len(windows) * x.shape[1])
-        for f in part.values():
-            f.close()
+        try:
+            for i in range(mine.start, mine.stop, batch_size):
+                windows = list(range(i, min(i + batch_size, mine.stop)))
+                x, y = bins.batch(split, windows, w.device)
+                h = teacher(x)
+                for b, window in enumerate(windows):
+                    gen.manual_seed(seed * 1_000_003 + s * 100_000_007 + window)
+                    entries, tokens = window_entries(h[b], w, y[b], meta["vocab_size"],
+                                                     meta["temperature"], meta["cache_samples"],
+                                                     meta["cache_topk"], gen)
+                    # through Python's file object: a failed write is an OSError with its errno
+                    part["entries"].write(entries.tobytes())
+                    part["tokens"].write(tokens.tobytes())
+                if progress:
+                    progress(split, len(windows) * x.shape[1])
+            for f in part.values():
+                f.close()
+        except OSError as e:
+            for kind, f in part.items():
+                f.close()
+                os.remove(f"{names[kind]}.part{rank}")
+            failed = (e.filename or "").rsplit(".part", 1)[0] or cache_dir
+            raise WriteError(e, failed) from None
 
 
 def join(cache_dir, world_size, meta):
     """Rank 0, after every process built its part: the parts in order into SPLIT.*.bin,
-    then meta.json."""
+    then meta.json (a failed write: WriteError, the parts kept for the rerun's build)."""
+
+    def concatenate(final):
+        def write(out):
+            for r in range(world_size):
+                with open(f"{final}.part{r}", "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+        return write
+
     for split in ("train", "val"):
-        for kind in ("entries", "tokens"):
+        for kind in TOKEN_FILES:
             final = os.path.join(cache_dir, f"{split}.{kind}.bin")
-            with open(final + ".tmp", "wb") as out:
-                for r in range(world_size):
-                    part = f"{final}.part{r}"
-                    with open(part, "rb") as f:
-                        while block := f.read(1 << 24):
-                            out.write(block)
-                    os.remove(part)
-            os.replace(final + ".tmp", final)
+            atomic_write(final, concatenate(final))
+            for r in range(world_size):
+                os.remove(f"{final}.part{r}")
     sizes = {f"{s}.{k}.bin": os.path.getsize(os.path.join(cache_dir, f"{s}.{k}.bin"))
-             for s in ("train", "val") for k in ("entries", "tokens")}
-    with open(os.path.join(cache_dir, "meta.json.tmp"), "w") as f:
-        json.dump(dict(meta, sizes=sizes), f, indent=2)
-    os.replace(os.path.join(cache_dir, "meta.json.tmp"), os.path.join(cache_dir, "meta.json"))
+             for s in ("train", "val") for k in TOKEN_FILES}
+    atomic_write(os.path.join(cache_dir, "meta.json"),
+                 lambda f: json.dump(dict(meta, sizes=sizes), f, indent=2), mode="w")
 
 
 class Cache:

@@ -16,21 +16,40 @@ import zipfile
 import torch
 
 import hf
-from common import die, first_line
+from common import WriteError, atomic_write, die, first_line
 from model import ModelConfig
+
+# what a checkpoint holds, by format: 1 had no version, meta or world_size (tests/data/ckpt_v1.pt)
+FORMAT = 2
+RESUME = ("model", "optimizer", "scaler", "model_args", "iter_num", "data_pos", "best_val_ce",
+          "config", "rng")  # what a resume needs
+KNOWN = {*RESUME, "tokenizer", "meta", "world_size", "version"}
 
 
 def save(path, ckpt):
-    """ckpt (a dict) to path through path.tmp, then renamed: a kill during the write leaves the
-    earlier checkpoint whole."""
+    """ckpt (a dict, its format version added) to path through a temporary file, then renamed: a
+    kill or a full disk during the write leaves the earlier checkpoint whole (WriteError)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    ckpt = dict(ckpt, version=FORMAT)
+    need = sum(t.numel() * t.element_size() for t in tensors(ckpt))
+    atomic_write(path, lambda f: torch.save(ckpt, f), need=need)
 
 
-def load(path):
+def tensors(x):  # every tensor in a nest of dicts and lists
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from tensors(v)
+
+
+def load(path, needs=RESUME):
     """distill.py's ckpt.pt -> its dict; a one-line ValueError if the file is damaged (a copy cut
-    short, a full disk) or not distill.py's."""
+    short, a full disk), not distill.py's, of a newer format, or without what needs names (an older
+    version's, another program's)."""
     try:
         # torch.save writes a zip: a cut or zeroed file is none, and torch's own error for that is a
         # paragraph about .tar files
@@ -43,6 +62,20 @@ def load(path):
                          f"restore a copy, or start again elsewhere") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint of distill.py (no model / model_args)")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or version > FORMAT:
+        raise ValueError(f"{path} was written by a newer distill.py (checkpoint format {version}; "
+                         f"this one reads up to {FORMAT}): update this repository (git pull)")
+    missing = [k for k in needs if k not in ckpt]
+    extra = sorted(set(ckpt) - KNOWN)
+    if missing or extra:
+        held = (f"lacks {', '.join(missing)}" if missing else "") + \
+            (" and " if missing and extra else "") + \
+            (f"holds {', '.join(extra)}, unknown here" if extra else "")
+        raise ValueError(f"{path} {held}: not a checkpoint this distill.py can resume (format "
+                         f"{version}; written by another version or program); start again with "
+                         f"--init_from=scratch in another --out_dir, or sample from it: "
+                         f"python sample.py --init_from={os.path.dirname(path) or '.'}")
     return ckpt
 
 
@@ -121,7 +154,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     sampler."""
     ckpt_path = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt_path):
-        ckpt = load(ckpt_path)
+        ckpt = load(ckpt_path, needs=("model", "model_args"))
         model = hf.from_state_dict(ModelConfig(**ckpt["model_args"]), ckpt["model"],
                                 where=ckpt_path).to(device=device, dtype=dtype)
         hf_dir = os.path.join(path, "hf")
@@ -147,9 +180,7 @@ class RunLog:
         if not master:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(self.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f: f.writelines(self.dumps(r) + "\n" for r in rows), mode="w")
         if wandb is not None:
             try:
                 import wandb as wb
@@ -164,7 +195,10 @@ class RunLog:
         print(("eval " if "val_ce" in row else "iter ") + f"{row['iter']}: " +
               ", ".join(f"{k} {v:.0f}" if abs(v) >= 1e4 else f"{k} {v:.4g}"
                         for k, v in row.items() if k != "iter" and v is not None), flush=True)
-        with open(self.path, "a") as f:
-            f.write(self.dumps(row) + "\n")
+        try:  # a row cut short by a full disk is dropped by the resume (resume_log)
+            with open(self.path, "a") as f:
+                f.write(self.dumps(row) + "\n")
+        except OSError as e:
+            raise WriteError(e, self.path) from None
         if self.wandb is not None:
             self.wandb.log(row, step=row["iter"])

@@ -39,20 +39,28 @@ def check_writable(folder, setting):
         die(f"cannot write to {setting} {folder} ({e.strerror or e}); choose another --{setting}")
 
 
-def one_line_interrupts(what="rerun the same command"):
-    """From here on Ctrl-C and SIGTERM end the script with one line and exit status 130, not a
-    traceback. For phases that rename their files into place only when whole, so that nothing
-    half-written is taken as complete (the cache build's part files stay until the rerun builds
-    again). what: the way on, or a function that says it at the moment of the interrupt."""
+def one_line_errors(what="rerun the same command"):
+    """From here on the script ends with one line on stderr, not a traceback, when: Ctrl-C or
+    SIGTERM come (status 130: for phases that rename their files into place only when whole, so
+    nothing half-written is taken as complete); a write fails (WriteError: a full disk, a quota, a
+    read-only folder; status 1); memory runs out (status 1: the phase, the peak, what to change, as
+    phase() set them). what: the way on after an interrupt or a failed write, or a function that
+    says it at that moment."""
     import signal
 
     def hook(kind, value, tb):
-        if not issubclass(kind, KeyboardInterrupt):
+        way_on = what() if callable(what) else what
+        if issubclass(kind, KeyboardInterrupt):
+            msg, status = f"interrupted; nothing half-written is taken as complete: {way_on}", 130
+        elif issubclass(kind, WriteError):
+            msg, status = f"error: {write_failed(value)}; make room, then {way_on}", 1
+        elif out_of_memory(value):
+            msg, status = f"error: {memory_message(value)}", 1
+        else:
             return sys.__excepthook__(kind, value, tb)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{os.path.basename(sys.argv[0])}: interrupted; nothing half-written is taken as "
-                  f"complete: {what() if callable(what) else what}", file=sys.stderr, flush=True)
-        os._exit(130)
+            print(f"{os.path.basename(sys.argv[0])}: {msg}", file=sys.stderr, flush=True)
+        os._exit(status)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -64,7 +72,7 @@ def one_line_interrupts(what="rerun the same command"):
 def stop_requests(what):
     """From here on Ctrl-C and SIGTERM (what torchrun sends its workers) only ask to stop: the
     returned function says whether one came, for a loop to stop after its step. A second Ctrl-C
-    aborts as one_line_interrupts(what) does, a second SIGTERM at once."""
+    aborts as one_line_errors(what) does, a second SIGTERM at once."""
     import signal
 
     requests = []
@@ -74,17 +82,122 @@ def stop_requests(what):
         again = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
         signal.signal(signum, again)
 
-    one_line_interrupts(what)
+    one_line_errors(what)
     signal.signal(signal.SIGINT, request)
     signal.signal(signal.SIGTERM, request)
     return lambda: bool(requests)
 
 
-def atomic_write(path, write):
-    # write(tmp) fills a temporary name, then it is renamed: never half a file
+# -----------------------------------------------------------------------------
+# writes that land whole, or fail in one line
+
+
+class WriteError(OSError):
+    """A write that failed (a full disk, a quota, a read-only folder, an I/O error), its temporary
+    file removed and the earlier file whole; need: the bytes it wanted, where known. Scripts under
+    one_line_errors() end on it with one line (write_failed)."""
+
+    def __init__(self, e, path, need=None):
+        super().__init__(e.errno, e.strerror or str(e), path)
+        self.need = need
+
+
+class _Remembered:
+    # a file whose failed writes are remembered: torch.save reports them as "unexpected pos"
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def atomic_write(path, write, mode="wb", need=None):
+    """write(f) fills a temporary file beside path, opened in mode, which then is renamed over
+    path: never half a file, and the earlier one whole until the new one is complete. A failed
+    write (OSError, or one that torch.save turns into a RuntimeError) removes the temporary file
+    and raises WriteError naming path; need: the bytes it takes, for the message."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    f = None
+    try:
+        with open(tmp, mode) as raw:
+            f = _Remembered(raw)
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else f.error if f is not None else None
+        if cause is None:
+            raise
+        raise WriteError(cause, path, need) from None
+
+
+def disk_free(path):  # free bytes where path is, or would be created
+    import shutil
+
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def check_room(folder, ckpt_bytes, log=print):
+    """die() unless folder's disk holds a checkpoint of ckpt_bytes; a warning unless it holds what
+    a run writes at most: a checkpoint, the next one beside it before it replaces it, the export
+    (the weights again, a third of a checkpoint)."""
+    free, most = disk_free(folder), 2.4 * ckpt_bytes
+    if free < ckpt_bytes:
+        die(f"{folder} has {gb(free)} free; a checkpoint of this student takes ~{gb(ckpt_bytes)} "
+            f"(its weights and AdamW's moments): make room, or choose another --out_dir")
+    if free < most:
+        log(f"warning: {folder} has {gb(free)} free; this run writes up to ~{gb(most)} (a "
+            f"checkpoint, the next one beside it, the export)")
+
+
+def gb(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
+
+
+def write_failed(e):
+    """The one line for a write that failed: the file, the error, the bytes needed and free."""
+    free = disk_free(os.path.dirname(os.path.abspath(e.filename or ".")))
+    need = getattr(e, "need", None)
+    space = (f"it needs ~{gb(need)}, " if need else "") + f"{gb(free)} free there"
+    return f"cannot write {e.filename}: {e.strerror} ({space})"
+
+
+# -----------------------------------------------------------------------------
+# running out of memory: the phase, the peak, what to change
+
+_phase = {"name": "the run", "hint": "lower batch_size", "device": "cpu"}
+
+
+def phase(name, hint, device):
+    """From here on an out-of-memory error names this phase and suggests hint (one_line_errors)."""
+    _phase.update(name=name, hint=hint, device=device)
+
+
+def out_of_memory(e):
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+
+
+def memory_message(e):
+    peak, _ = peak_mem_gb(_phase["device"])
+    if _phase["device"].startswith("cuda"):
+        import torch
+
+        total = torch.cuda.get_device_properties(_phase["device"]).total_memory / 1e9
+        where = f"GPU memory ({peak:.2f} GB at the peak of {total:.1f} GB)"
+    else:
+        where = f"memory ({peak:.2f} GB resident at the peak)"
+    return f"out of {where} in {_phase['name']}: {_phase['hint']}"
 
 
 def first_line(e):

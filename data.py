@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from common import WriteError
 from common import progress as progress_bar
 
 VERSION = 1  # bump when the bins or meta.json change meaning
@@ -118,7 +119,8 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
             max_docs=None, batch_size=1000, source="", options=None, progress=True,
             tokenizer=None, total_bytes=None):
     """Tokenize an iterable of documents into out_dir/{train.bin, val.bin, meta.json}; returns
-    meta. Each document is followed by one EOS and goes whole to train or val by a seeded coin flip.
+    meta (a failed write: WriteError, no file renamed into place). Each document is followed by one
+    EOS and goes whole to train or val by a seeded coin flip.
     tokenizer: what meta.json records (a hub id or a directory; default tok.name_or_path).
     total_bytes: the text expected, for the progress line's ETA."""
     dtype = bin_dtype(len(tok))
@@ -146,7 +148,7 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
                 if s == split:
                     flat += doc + [eos_id]
                     n[split + "_docs"] += 1
-            np.asarray(flat, dtype=dtype).tofile(f)
+            f.write(np.asarray(flat, dtype=dtype).tobytes())  # not tofile: errno on failure
             n[split + "_tokens"] += len(flat)
 
     bar = progress_bar(total_bytes or max_bytes, "tokenizing text", unit="B", enabled=progress)
@@ -186,7 +188,7 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
         for name in final:
             os.replace(tmp[name], final[name])
         return meta
-    except BaseException:  # an error or Ctrl-C: drop the temp files, leave any older output alone
+    except BaseException as e:  # an error or Ctrl-C: drop the temp files, leave older output alone
         if bar.bar is not None:
             bar.bar.close()  # so that the error gets a line of its own
         for f in files.values():
@@ -194,6 +196,8 @@ def prepare(docs, tok, eos_id, out_dir, val_fraction=0.1, seed=1337, max_bytes=N
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):  # a full disk, say
+            raise WriteError(e, (e.filename or out_dir).removesuffix(".tmp")) from None
         raise
 
 

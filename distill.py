@@ -32,27 +32,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cache
 import checkpoint
+import common
 import hf
+import onpolicy
 import prune
-from common import (
-    check_bfloat16,
-    check_torch,
-    check_writable,
-    compiled,
-    die,
-    end_processes,
-    init_processes,
-    one_line_interrupts,
-    peak_mem_gb,
-    stop_requests,
-    time_at_peak,
-)
+from common import die
 from configurator import DEVICE, at_least, between, check, configure, one_of
 from data import Bins
 from loss import KD_KINDS, distill_loss
 from model import DTYPES, ModelConfig, Transformer, auto_dtype
 
-check_torch()
+common.check_torch()
 
 # -----------------------------------------------------------------------------
 # settings: config/*.py files and --key=value flags override these (configurator.py)
@@ -79,6 +69,11 @@ teacher_cache = None  # a directory: the teacher runs once into a sampled cache 
 cache_samples = 50  # teacher_cache: draws per token from the teacher at the temperature (<= 255)
 cache_topk = 0  # teacher_cache: > 0 keeps the k most likely ids instead (biased: for comparison)
 kd_chunk_size = 128  # tokens per chunk of the fused loss: a few (chunk, V) fp32 buffers, 78 MB each
+# on-policy (onpolicy.py, docs/onpolicy.md): the student also learns on its own continuations
+onpolicy_tokens = 0  # tokens at the end of each window the student writes itself; 0: off
+onpolicy_share = 1.0  # share of the steps that are on-policy (GKD's lambda); the others as usual
+onpolicy_temperature = 1.0  # its sampling temperature; 1: the student's distribution, as it drafts
+onpolicy_kind = "reverse_kl"  # the divergence on the student's own tokens: any kd_kind
 prune_windows = 256  # init_from=prune: train windows on which the teacher's pieces are ranked
 prune_layers = "importance"  # init_from=prune: layers kept: importance (1 - cos(in, out)) | even
 prune_width = "importance"  # init_from=prune: the channels, heads, neurons kept: importance | even
@@ -123,6 +118,8 @@ check(config, {
     "kd_beta": between(0, 1, "()"), "kd_chunk_size": at_least(1), "cache_samples": between(1, 255),
     "cache_topk": between(0, 255),
     "teacher_cache": ((lambda v: v is None or is_dir[0](v)), "a directory or None"),
+    "onpolicy_tokens": between(0, block_size - 1), "onpolicy_share": between(0, 1, "(]"),
+    "onpolicy_temperature": at_least(0), "onpolicy_kind": one_of(*KD_KINDS),
     "prune_windows": at_least(1), "prune_layers": one_of("importance", "even"),
     "prune_width": one_of("importance", "even"),
     "n_layer": at_least(1), "n_head": at_least(1), "n_kv_head": at_least(1), "n_embd": at_least(1),
@@ -141,20 +138,24 @@ if teacher_cache and (teacher is None or kd_kind != "forward_kl"):
     die(f"teacher_cache keeps samples of a teacher's distribution, which forward_kl learns from; "
         f"teacher={teacher!r}, kd_kind={kd_kind!r}: give a teacher and forward_kl, or drop "
         f"--teacher_cache (reverse_kl and jsd need the whole teacher)")
+if onpolicy_tokens and (teacher is None or teacher_cache):
+    die(f"onpolicy_tokens={onpolicy_tokens}: on-policy steps need the teacher online, to score the "
+        f"student's own tokens (teacher={teacher!r}, teacher_cache={teacher_cache!r}, which holds "
+        f"it on the corpus alone): give a teacher and no --teacher_cache, or --onpolicy_tokens=0")
 if min_lr > learning_rate:
     die(f"min_lr={min_lr} exceeds learning_rate={learning_rate}: the schedule decays to min_lr")
 
 # -----------------------------------------------------------------------------
 # processes and devices
 
-ddp, rank, local_rank, world_size, device = init_processes(device)  # torchrun's, or this one
+ddp, rank, local_rank, world_size, device = common.init_processes(device)  # torchrun's, or this one
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 master = rank == 0
 print0 = partial(print, flush=True) if master else (lambda *args, **kw: None)  # rank 0 only
-one_line_interrupts()  # until the loop, which takes Ctrl-C over: a checkpoint, then stop
+common.one_line_errors()  # Ctrl-C, a full disk, no memory: one line (the loop takes Ctrl-C over)
 if teacher_dtype == "auto":
     teacher_dtype = str(auto_dtype(device)).removeprefix("torch.")
-check_bfloat16(device, dtype=dtype, teacher_dtype=teacher_dtype)  # not on a GPU that emulates it
+common.check_bfloat16(device, dtype=dtype, teacher_dtype=teacher_dtype)  # not where it is emulated
 if teacher is None:
     alpha = 0.0  # nothing to distill from: CE on the data only
 torch.manual_seed(seed)
@@ -167,7 +168,7 @@ autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, 
 
 # out_dir: writable, created only when the first file is written, and no earlier run in it lost to a
 # forgotten --init_from=resume (every process checks, so that all stop together)
-check_writable(out_dir, "out_dir")
+common.check_writable(out_dir, "out_dir")
 ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
 if init_from != "resume" and os.path.exists(ckpt_path):
     die(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, or start again in "
@@ -193,6 +194,11 @@ if n_val < 1:
 if max_iters == 0:
     max_iters = epochs * (n_train // windows_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
+if warmup_iters >= min(max_iters, lr_decay_iters):  # a schedule that never reaches learning_rate
+    print0(f"warning: warmup_iters={warmup_iters} is not shorter than the run ({max_iters} iters, "
+           f"the decay {lr_decay_iters}): the learning rate peaks at "
+           f"{min(max_iters, lr_decay_iters) / (warmup_iters + 1):.1%} of learning_rate; set "
+           f"--warmup_iters to about a tenth of it (--warmup_iters={max(1, max_iters // 10)})")
 
 
 def load_batch(split, windows):
@@ -211,13 +217,17 @@ def fit(pos):  # an epoch's last windows, fewer than one step, wait for a later 
     return pos if pos[1] + windows_per_iter <= n_train else (pos[0] + 1, 0)
 
 
-def step_batches(pos):
-    """This process's micro-batches of the step at data position pos = (epoch, window in the epoch's
+def step_windows(pos):
+    """This process's micro-batches' windows at data position pos = (epoch, window in the epoch's
     order). The step takes the next windows_per_iter windows, and slot micro * world_size + rank
     of them is ours."""
     order, slots = epoch_order(pos[0]), range(gradient_accumulation_steps)
     starts = [pos[1] + (m * world_size + rank) * batch_size for m in slots]
-    return [load_batch("train", order[s:s + batch_size]) for s in starts]
+    return [order[s:s + batch_size] for s in starts]
+
+
+def step_batches(pos):  # (x, y, sparse) of each micro-batch
+    return [load_batch("train", windows) for windows in step_windows(pos)]
 
 
 # validation: a fixed, evenly spread set of windows of val.bin; each process takes its share
@@ -258,7 +268,9 @@ if teacher_cache:  # checked against what it was built from, before anything loa
         die(cache_state)
 
 teacher_model, tcfg = None, None
+batch_hint = f"lower --batch_size (now {batch_size}): the teacher runs on that many windows at once"
 if teacher is not None and (cache_state != "complete" or init_from == "prune"):
+    common.phase("loading the teacher", "a smaller teacher, or --teacher_dtype=float16", device)
     try:  # checked against the data: its tokenizer, vocabulary and block_size (hf.py)
         teacher_model = hf.load_teacher(teacher, meta.get("tokenizer"), bins.eos_id, vocab_size,
                                         block_size, DTYPES[teacher_dtype], device, verbose=master,
@@ -289,6 +301,7 @@ if init_from == "prune" and (problem := prune.check(tcfg, ModelConfig(**model_ar
     die(f"init_from=prune: {problem}")
 
 if teacher_cache:
+    common.phase("the teacher cache's build", batch_hint, device)
     tcache = cache.open_or_build(teacher_cache, cache_meta, teacher_model, bins, batch_size, rank,
                                  world_size, log=print0)
     print0(f"training from the teacher cache {teacher_cache}: kl and val_kl are estimates from its "
@@ -296,6 +309,7 @@ if teacher_cache:
 
 if init_from == "prune":  # calibrated on prune_windows windows of train.bin (prune.py)
     calibration = np.random.default_rng(seed).permutation(n_train)[:prune_windows][rank::world_size]
+    common.phase("the calibration of init_from=prune", batch_hint, device)
     raw_model = prune.calibrate_and_cut(
         teacher_model, ModelConfig(**model_args),
         (bins.batch("train", calibration[i:i + batch_size], device)[0]
@@ -310,6 +324,9 @@ if tcache is not None and teacher_model is not None:  # it built the cache (or p
     teacher_model = None
     if device_type == "cuda":
         torch.cuda.empty_cache()
+
+if master and save:  # room for a checkpoint: the float32 weights and AdamW's two moments
+    common.check_room(out_dir, 12 * raw_model.num_params(), log=print0)
 
 # -----------------------------------------------------------------------------
 # optimizer, GradScaler, the rest of the checkpoint
@@ -330,9 +347,9 @@ if ckpt is not None:
 resumed_at = iter_num if init_from == "resume" else None
 
 # torch.compile, falling back to eager with a warning where it fails (common.compiled)
-model = compiled(raw_model, "the student") if compile else raw_model
+model = common.compiled(raw_model, "the student") if compile else raw_model
 if compile and teacher_model is not None:
-    teacher_model = compiled(teacher_model, "the teacher")
+    teacher_model = common.compiled(teacher_model, "the teacher")
 train_model = model
 if ddp:  # around the compiled module, as PyTorch advises: DDPOptimizer then splits its graph at
     # the gradient buckets, whose all-reduces overlap the backward. The only buffers are the RoPE
@@ -357,11 +374,12 @@ kd = dict(alpha=alpha, temperature=temperature, vocab_size=vocab_size, kind=kd_k
           chunk_size=kd_chunk_size, beta=kd_beta, compile=compile)
 
 
-def loss_fn(h_s, x, y, sparse, normalizer):
+def loss_fn(h_s, x, y, sparse, normalizer, keep=None):
     """distill_loss of the student's hidden states h_s against the teacher on x: online (its hidden
     states and head, run here without gradients), the cache's sampled teacher (sparse), or none (CE
-    only). Returns (loss, stats, h_t): stats also has bad_teacher (the teacher's output is not
-    finite), and h_t is None without an online teacher."""
+    only). keep: an on-policy window's mask (onpolicy.py): the prefix's positions take the usual
+    loss, the student's own positions onpolicy_kind alone. Returns (loss, stats, h_t): stats also
+    has bad_teacher (the teacher's output is not finite); h_t is None without an online teacher."""
     h_t = w_t = None
     if teacher_model is not None:
         with torch.no_grad():
@@ -371,7 +389,9 @@ def loss_fn(h_s, x, y, sparse, normalizer):
     # the student's head is tied to its embedding (the same tensor)
     with autocast:
         loss, s = distill_loss(h_s, raw_model.lm_head.weight, h_t, w_t, y, normalizer=normalizer,
-                               sparse=sparse, **kd)
+                               sparse=sparse, **kd) if keep is None else \
+            onpolicy.loss(h_s, raw_model.lm_head.weight, h_t, w_t, x, y, keep, normalizer,
+                          onpolicy_kind, **kd)
     s["bad_teacher"] = torch.zeros((), device=device) if h_t is None else ~torch.isfinite(h_t).all()
     return loss, s, h_t
 
@@ -393,9 +413,9 @@ def all_reduce(stats):
 
 def check_finite(what, value, bad_teacher):
     # before anything trains on it: a non-finite teacher output (fp16 overflow) or loss stops it
-    if bad_teacher:
-        die(f"non-finite teacher output at iter {iter_num} (fp16 overflow?); try "
-            f"--teacher_dtype=float32 or bfloat16")
+    if bad_teacher:  # its weights are finite (hf.load_teacher checks): its activations are not
+        die(f"non-finite teacher output at iter {iter_num}: its activations overflow "
+            f"{teacher_dtype}" + ("; try --teacher_dtype=float32" * (teacher_dtype != "float32")))
     if not math.isfinite(value):
         die(f"non-finite {what} at iter {iter_num}; lower learning_rate" +
             ("" if dtype == "float32" else ", or try --dtype=float32"))
@@ -411,11 +431,11 @@ log = checkpoint.RunLog(log_path, log_rows, master, dict(project=wandb_project,
 parts = [(f, dtype) for f in raw_model.flops_per_token(block_size)]
 if teacher_model is not None:
     parts += [(f, teacher_dtype) for f in teacher_model.flops_per_token(block_size, backward=False)]
-seconds_at_peak = time_at_peak(device, parts)  # one token's; None on CPUs and unknown GPUs
+seconds_at_peak = common.time_at_peak(device, parts)  # one token's; None on CPUs and unknown GPUs
 
 # from here on Ctrl-C (and torchrun's SIGTERM) stop after the step, with a checkpoint; a second
 # Ctrl-C aborts with one line: how to go on from the last checkpoint (if there is one yet)
-stop_requested = stop_requests(lambda: f"continue from {ckpt_path} with --init_from=resume"
+stop_requested = common.stop_requests(lambda: f"continue from {ckpt_path} with --init_from=resume"
                                if os.path.exists(ckpt_path) else "rerun the same command")
 
 # -----------------------------------------------------------------------------
@@ -426,7 +446,26 @@ print0(f"{max_iters} iterations of {tokens_per_iter:,} tokens ({batch_size} batc
        f"windows, {len(val_windows)} val windows; student {dtype}, teacher {teacher or 'none'} "
        f"{teacher_dtype}, {device}")
 batches = step_batches(data_pos)
-t_log, log_from, stop, teacher_val_ce = time.time(), iter_num, False, None
+# the teacher's own val CE is logged once, at a run's first eval (a resume's log has it)
+teacher_val_ce = next((r["teacher_val_ce"] for r in log_rows if "teacher_val_ce" in r), None)
+t_log, log_from, stop = time.time(), iter_num, False
+gen_seconds = []  # (start, end) of each on-policy generation since the last train row
+
+
+def clock():  # a point in time, read later without a wait: a CUDA event on a GPU, else the clock
+    if device_type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds(a, b):  # between two clock() points, once the step's sync has passed both
+    return b - a if device_type != "cuda" else a.elapsed_time(b) / 1e3
+
+
+step_hint = (f"lower --batch_size (now {batch_size}) and raise --gradient_accumulation_steps (now "
+             f"{gradient_accumulation_steps}) to keep the step's tokens, or lower --kd_chunk_size")
 while True:
     # every eval_interval iterations and at the end (not again where a resume starts): val CE,
     # forward KL and top-1 agreement with the teacher, token-weighted over the fixed val windows
@@ -434,6 +473,7 @@ while True:
     # own val CE once per run
     evaluating = (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at
     if evaluating:
+        common.phase("the eval", f"lower --batch_size (now {batch_size})", device)
         keys = ("ce", "kl", "top1", "n", "teacher_ce", "bad_teacher")
         sums = {k: torch.zeros((), device=device) for k in keys}
         for i in range(0, len(my_val_windows), batch_size):
@@ -478,34 +518,53 @@ while True:
                f"and --init_from=resume")
         if ddp:  # the others wait for rank 0's checkpoint
             train_model = None  # DDP holds the process group: let go of it first
-            end_processes()
+            common.end_processes()
         sys.exit(130)
     if evaluating:
         t_log, log_from = time.time(), iter_num  # the eval's time is no training time
+        gen_seconds.clear()
     if iter_num >= max_iters:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-steps on each process
+    common.phase("the training step", step_hint, device)
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    # on-policy (onpolicy.py): the student first writes the end of each of its windows itself
+    keeps, share = [None] * gradient_accumulation_steps, onpolicy_share + 1e-12
+    if onpolicy_tokens and int((iter_num + 1) * share) > int(iter_num * share):  # share of steps
+        t_gen = clock()
+        with autocast:
+            made = [onpolicy.continue_windows(raw_model, x, onpolicy_tokens, onpolicy_temperature,
+                                              onpolicy.draws(seed, iter_num, w, onpolicy_tokens),
+                                              bins.eos_id, vocab_size)
+                    for (x, _, _), w in zip(batches, step_windows(data_pos))]
+        batches = [(x_new, y, None) for (x_new, _), (_, y, _) in zip(made, batches)]
+        keeps = [keep for _, keep in made]
+        gen_seconds.append((t_gen, clock()))
     # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP
     # averages gradients over processes, so each passes global / world_size: the global mean
-    n_tokens = sum((y != -100).sum() for _, y, _ in batches).float()  # on the device: no sync
+    n_tokens = sum((y != -100).sum() if keep is None else
+                   y[:, :-keep.size(1)].numel() + keep.sum()
+                   for (_, y, _), keep in zip(batches, keeps)).float()  # on the device: no sync
     if ddp:
         dist.all_reduce(n_tokens)
     normalizer = n_tokens / world_size
-    stats = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kl", "bad_teacher")}
-    for micro, (x, y, sparse) in enumerate(batches):
+    stats = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kl", "bad_teacher") +
+             (("own_kl", "n", "n_own", "lp", "n_lp") if onpolicy_tokens else ())}
+    for micro, ((x, y, sparse), keep) in enumerate(zip(batches, keeps)):
         if ddp:  # all-reduce the gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
             h_s = train_model(x)  # (B, T, D_s) after the final norm
-        loss, s, _ = loss_fn(h_s, x, y, sparse, normalizer)
+        loss, s, h_t = loss_fn(h_s, x, y, sparse, normalizer, keep)
         scaler.scale(loss).backward()
         stats["loss"] += loss.detach()
-        for k in ("ce", "kl", "bad_teacher"):
+        for k in stats.keys() & s.keys() - {"loss"}:
             stats[k] += s[k]
+        if keep is not None and iter_num % log_interval == 0:  # one micro-batch's, for the row
+            stats["lp"], stats["n_lp"] = onpolicy.teacher_logprob(teacher_model, h_t, x, keep)
     data_pos = fit((data_pos[0], data_pos[1] + windows_per_iter))
     batches = step_batches(data_pos)  # the next step's, read while the GPU still works on this one
     scaler.unscale_(optimizer)
@@ -515,8 +574,8 @@ while True:
     # request; loss, ce, kl and grad_norm are the same mean on every process once / world_size
     asked = torch.full((), float(stop_requested()), device=device)
     r = all_reduce(dict(stats, grad_norm=grad_norm, stop=asked))
-    for k in ("loss", "ce", "kl", "grad_norm"):
-        r[k] /= world_size
+    for k in ("loss", "ce", "kl", "grad_norm", "own_kl"):
+        r[k] = r[k] / world_size if k in r else None
     check_finite("loss", r["loss"], r["bad_teacher"])
     scaler.step(optimizer)  # skipped by the GradScaler when float16 gradients overflowed
     scaler.update()
@@ -525,13 +584,21 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = time.time() - t_log
         tps = tokens_per_iter * (iter_num + 1 - log_from) / dt
-        mem, reserved = peak_mem_gb(device)
-        log({"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
-             "kl": r["kl"] if teacher is not None else None, "lr": lr,
-             "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
-             "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None,
-             "peak_mem_gb": mem, "peak_reserved_gb": reserved})
+        mem, reserved = common.peak_mem_gb(device)
+        row = {"iter": iter_num, "loss": r["loss"], "ce": r["ce"],
+               "kl": r["kl"] if teacher is not None else None, "lr": lr,
+               "grad_norm": r["grad_norm"], "tokens_per_sec": tps,
+               "mfu": tps * seconds_at_peak / world_size if seconds_at_peak else None,
+               "peak_mem_gb": mem, "peak_reserved_gb": reserved}
+        if onpolicy_tokens:  # per token of its kind; own_*: None on a step that was not on-policy
+            n = r["n"] + r["n_own"]  # the step's tokens: the prefixes', the student's own
+            row.update(ce=r["ce"] * n / r["n"], own_kl=r["own_kl"] * n / r["n_own"] if r["n_own"]
+                       else None, own_teacher_logprob=r["lp"] / r["n_lp"] if r["n_lp"] else None,
+                       gen_share=sum(seconds(a, b) for a, b in gen_seconds) / dt)
+        log(row)
         t_log, log_from = time.time(), iter_num + 1
+    if iter_num % log_interval == 0:
+        gen_seconds.clear()
     iter_num += 1
     stop = bool(r["stop"])  # checkpointed, then stopped, at the top of the loop
 
@@ -551,4 +618,4 @@ if master and save:
           f"{best_val_ce:.4f}", flush=True)
 if ddp:  # the others wait for rank 0's export
     train_model = None  # DDP holds the process group: let go of it first
-    end_processes()
+    common.end_processes()

@@ -16,7 +16,6 @@ Hugging Face formats in and out: model directories (config.json, safetensors), t
 
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -206,8 +205,9 @@ def from_state_dict(config, sd, device="cpu", where="state dict"):
 
 def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
     """config.json and model.safetensors that transformers loads (plus the tokenizer's files when
-    tokenizer_dir is given), each written to a temporary name, then renamed."""
-    from safetensors.torch import save_file
+    tokenizer_dir is given), each written to a temporary name, then renamed (a failed write:
+    common.WriteError)."""
+    from safetensors.torch import save
 
     os.makedirs(out_dir, exist_ok=True)
     hf = config_to_hf(cfg, state_dict["embed_tokens.weight"].dtype)
@@ -218,14 +218,17 @@ def write_pretrained(out_dir, cfg, state_dict, tokenizer_dir=None):
         if k == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # transformers re-ties it; safetensors refuses shared storage anyway
         tensors[k if k.startswith("lm_head") else "model." + k] = t.detach().to("cpu").contiguous()
-    atomic_write(os.path.join(out_dir, "model.safetensors"),
-                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    weights = save(tensors, metadata={"format": "pt"})  # bytes: written through Python's file
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights),
+                 need=len(weights))
     atomic_write(os.path.join(out_dir, "config.json"),
-                 lambda p: open(p, "w").write(json.dumps(hf, indent=2) + "\n"))
+                 lambda f: f.write(json.dumps(hf, indent=2) + "\n"), mode="w")
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         src = os.path.join(tokenizer_dir, name)
         if os.path.exists(src):
-            atomic_write(os.path.join(out_dir, name), lambda p, src=src: shutil.copyfile(src, p))
+            with open(src, "rb") as f:
+                content = f.read()
+            atomic_write(os.path.join(out_dir, name), lambda f, c=content: f.write(c))
     if tokenizer_dir and (auto := auto_tokenizer_differs(out_dir)):
         print(f"note: AutoTokenizer.from_pretrained({out_dir!r}) builds transformers' {auto}, "
               f"which encodes text into other ids than this tokenizer.json; load it with "
@@ -372,6 +375,12 @@ def load_teacher(name, data_tokenizer, eos_id, vocab_size, block_size, dtype, de
     except (OSError, ValueError) as e:
         raise one_line(e) from None
     model.requires_grad_(False)  # frozen, and in eval mode from load
+    # a damaged download can hold NaN or inf and still load: one pass over the weights
+    bad = [k for k, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the teacher's weights hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the files in {path} are damaged; "
+                         f"download them again")
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the teacher's vocabulary ({model.config.vocab_size} rows) is smaller "
                          f"than the tokenizer's ({vocab_size} ids): prepare the data with the "

@@ -273,17 +273,21 @@ class Transformer(nn.Module):
     # generation
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+               draws=None, vocab=None):
         """Yields the next token of every row, (B,), with a KV cache; stops at max_seq_len
-        (silently: sample.py says so), or once every row has emitted eos_id."""
+        (silently: sample.py says so), or once every row has emitted eos_id. draws: (B, new)
+        uniforms in [0, 1) to sample with, one per row and token (sample_next). vocab: only ids
+        below it (the tokenizer's: the embedding's rows above are padding)."""
         B, T = idx.shape
         max_new_tokens = min(max_new_tokens, self.room(T))
         dtype = self.embed_tokens.weight.dtype
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         h = self(idx, cache)[:, -1]  # prefill; the head only for the last position
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(self.logits(h), temperature, top_k, top_p)
+        for i in range(max_new_tokens):
+            nxt = sample_next(self.logits(h)[:, :vocab], temperature, top_k, top_p,
+                              None if draws is None else draws[:, i])
             yield nxt
             if eos_id is not None:
                 done |= nxt == eos_id
@@ -292,9 +296,11 @@ class Transformer(nn.Module):
             if cache.pos < cache.k.size(3):
                 h = self(nxt[:, None], cache)[:, -1]
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 draws=None, vocab=None):
         """idx (B, T) -> (B, T + new): temperature 0 is greedy; stops once all rows hit eos_id."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, draws,
+                               vocab))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     def room(self, T):  # new tokens a prompt of T tokens leaves below max_seq_len
@@ -328,11 +334,18 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
     return logits.softmax(dim=-1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, draw=None):
+    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy. draw: (B,) uniforms in
+    [0, 1), one per row, to sample with (where the cumulative probability passes it) instead of
+    torch.multinomial's: a row's token then depends on its own draw alone."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1)[:, 0]
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    if draw is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    cdf = probs.cumsum(-1)  # the first id whose cumulative probability passes the draw
+    at = torch.searchsorted(cdf, (draw * cdf[:, -1])[:, None].to(cdf.dtype), right=True)
+    return at[:, 0].clamp(max=probs.size(-1) - 1)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -11,7 +11,7 @@ named by its directory. matplotlib is an optional dependency: pip install matplo
 import json
 import os
 
-from common import die
+from common import atomic_write, die, one_line_errors
 from configurator import configure
 
 PANELS = [("loss", "train loss"), ("ce", "train CE"), ("kl", "train KL (teacher || student)"),
@@ -59,9 +59,7 @@ def plot(run_dirs, out, names=None):
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     print(f"wrote {out}")
 
 
@@ -73,6 +71,7 @@ config = configure(globals(), plain="runs")
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    one_line_errors()  # a failed write: one line
     run_dirs = [r for r in runs.split(",") if r]
     if not run_dirs:
         die("give distill.py out_dirs: python plot.py OUT_DIR [OUT_DIR ...] [--out=PATH.png]")

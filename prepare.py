@@ -20,7 +20,7 @@ import sys
 import tempfile
 from urllib.parse import urlparse
 
-from common import die
+from common import WriteError, die, write_failed
 from configurator import at_least, between, check, configure
 from data import clean, find_files, prepare, read_files
 from hf import TOKENIZER_FILES, load_tokenizer, resolve_pretrained
@@ -129,8 +129,9 @@ def build():
                        limit, max_docs, batch_size, source=paths or " ".join(WIKI),
                        options=dict(t2s=t2s, min_chars=min_chars, text_field=text_field),
                        tokenizer=tokenizer, total_bytes=total)
-    except OSError as e:  # a full disk, say: the temp files are gone, the old output untouched
-        die(f"{e.filename or out_dir}: {e.strerror}; nothing was renamed into place")
+    except WriteError as e:  # a full disk, say: the temp files are gone, the old output untouched
+        die(f"{write_failed(e)}; nothing was renamed into place: make room, then rerun the same "
+            f"command")
     print(f"wrote {out_dir}: train {meta['train_tokens']:,} tokens ({meta['train_docs']:,} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs), {meta['dtype']}, "
           f"{meta['text_bytes'] / 1e6:.1f} MB of text")

@@ -14,7 +14,7 @@ import torch
 
 import speculative
 from checkpoint import load_model
-from common import check_device, die
+from common import check_device, die, one_line_errors, phase
 from configurator import DEVICE, at_least, check, configure, one_of
 from hf import load_tokenizer
 from model import DTYPES, auto_dtype
@@ -48,7 +48,9 @@ check(config, {
 def main():
     torch.manual_seed(seed)
     check_device(device)
+    one_line_errors()  # running out of memory, Ctrl-C: one line
     dt = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
+    phase("loading the model", "a smaller --dtype (float16 or bfloat16)", device)
     try:
         model, tok_path = load_model(init_from, device, dt)
         tokenizer, eos_id = load_tokenizer(tok_path or "")
@@ -80,6 +82,8 @@ def main():
     if max_new_tokens > room:
         print(f"note: stopping after {room} new tokens, at max_seq_len={model.config.max_seq_len}",
               file=sys.stderr)
+    phase("generation", f"a shorter prompt or --max_new_tokens (now {max_new_tokens}): the KV "
+          f"cache holds them all", device)
     for _ in range(num_samples):
         out, stats, t0 = list(ids), {}, time.time()
         shown = tokenizer.decode(ids, skip_special_tokens=True)

@@ -297,7 +297,8 @@ ERRORS = {
     # FRESH
     "unwritable out_dir": (["--out_dir={unwritable}"], "cannot write to out_dir"),
     "no checkpoint": (["--init_from=resume"], "ckpt.pt to resume from"),
-    "non-finite teacher": (["--init_from=scratch", "--teacher={poisoned}"], "non-finite teacher output at iter 0"),
+    "non-finite teacher": (["--init_from=scratch", "--teacher={poisoned}"],
+                           "the teacher's weights hold NaN or inf (layers.1.mlp.down_proj.weight)"),
     "non-finite loss": (["--init_from=scratch", "--learning_rate=1e30", "--warmup_iters=0"],
                         "non-finite loss at iter 1"),
     # init_from=prune: the teacher (conftest's) has 4 heads of 8 in 2 groups, 32 channels, 48 neurons, 2 layers
