@@ -165,8 +165,8 @@ def main():
             try:
                 r = harness.own_process(config, timeout=timeout,
                                         side=dtype + ("-compiled" if how == "compiled" else ""))
-            except SystemExit as e:
-                harness.say(f"{what}: failed: {str(e).strip().splitlines()[-1][:200]}")
+            except SystemExit as e:  # the end of its stderr
+                harness.say(f"{what}: " + str(e).strip().replace("\n", "\n    "))
                 continue
             if r["eager"]:
                 what += f" ({', '.join(r['eager'])} fell back to eager: the warning above)"
