@@ -1,6 +1,6 @@
 """
 The distillation loss. First the plain reference loss, full logits: the definition, what everything
-below must equal (tests/test_loss.py and bench.py compare against it). Then the fused loss, which
+below must equal (tests/test_loss.py and bench/ compare against it). Then the fused loss, which
 applies the student's and the teacher's heads a chunk of tokens at a time, so that no [B, T, V]
 logits ever exist (2.5 GB in float32 at 8 x 512 x 151,936). docs/loss.md has the design and the
 derivations.
@@ -76,7 +76,7 @@ def reference_loss(h_s, w_s, h_t, w_t, targets, alpha=0.5, temperature=2.0, voca
 # grad_w_s right away (a backward that recomputed the chunks would redo the teacher's matmul). Each
 # line's comment says what a buffer holds from there on.
 # On a GPU the elementwise work costs its passes over [C, V] memory, not its FLOPs
-# (`python bench.py bytes` counts them), so: p_s = softmax(u) is taken once and shared; CE's
+# (`python bench/loss_traffic.py` counts them), so: p_s = softmax(u) is taken once and shared; CE's
 # softmax(z_s) is p_s^T / S, its row sum S folded into a per-row factor; a log-sum-exp is read off a
 # softmax at the row's maximum (`_lse`); row sums of values are products, both of the forward KL's
 # in one (`_rowdot`); a gradient p_s - x (forward KL, the cache) is mixed with CE's in two ops that
@@ -296,7 +296,7 @@ def _chunk(uv, y, keep, p_buf, free, o, sparse):
 
 def _terms(u, v, y, keep, sparse, o, scale, g_dtype):
     """What _chunk computes, written as plain tensor expressions for torch.compile, which fuses them
-    into a few kernels (each [C, V] operand read about once: `python bench.py bytes`). u, v [C, V]
+    into a few kernels (each [C, V] operand read about once: bench/loss_traffic.py). u, v [C, V]
     as in _chunk (v None without a dense teacher), y and keep [C, 1], sparse the cache's
     [ids, t_hat, entropy, argmax] or None; the analytic divergences only. Returns the sums
     [ce, kl, div, top1] and dL/dz_s of the chunk's unnormalized loss times scale, in g_dtype (None

@@ -5,7 +5,7 @@
 data_dir = "data/wiki_zh"
 out_dir = "out"
 teacher = "Qwen/Qwen2.5-0.5B"
-teacher_dtype = "float16"  # frozen, forward only: 1 GB of weights; fused SDPA keeps fp16 attention finite
+teacher_dtype = "float16"  # frozen, forward only: 1 GB of weights; fused SDPA: finite attention
 dtype = "float32"  # the student trains in float32; float16 + GradScaler is the faster option
 # inductor takes CUDA capability >= 7.0 (a T4 is 7.5); its matmuls stay on cuBLAS, so Triton writes
 # only elementwise kernels, which it still builds for sm75 (it dropped only pre-Ampere tensor-core

@@ -270,6 +270,22 @@ def test_distill_trains_in_each_dtype(dtype, data, loud, tmp_path):
         assert (rows[-1]["mfu"] is not None) == known
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
+def test_on_policy_steps_in_each_dtype(dtype, data, model_dir, tmp_path):
+    """On-policy steps (onpolicy.py: continuations with a KV cache under autocast, the two-part
+    loss) on the GPU in each dtype, then a compiled run: every row finite, the generation's share
+    of the time logged."""
+    for extra in (["--compile=True"] if dtype == torch.float16 else []), []:
+        out = tmp_path / ("compiled" if extra else "eager")
+        train(f"--dtype={NAME[dtype]}", "--onpolicy_tokens=16", "--teacher_dtype=float16", *extra,
+              out=out, data=data, teacher=model_dir)
+        rows = read_log(out)[0]
+        assert all(np.isfinite(r["loss"]) and np.isfinite(r["own_kl"]) and 0 < r["gen_share"] < 1
+                   for r in rows)
+        if not extra:
+            break
+
+
 def test_cache_and_prune_on_the_gpu(data, model_dir, tmp_path):
     """The teacher cache's build and training from it, and init_from=prune's calibration, in float16."""
     r = train("--dtype=float16", "--teacher_dtype=float16", f"--teacher_cache={tmp_path / 'cache'}",

@@ -234,3 +234,20 @@ def test_bad_on_policy_settings_are_one_line(extra, message, data, model_dir, tm
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("distill.py: error: ")
     assert message in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--dtype=float16"], ["--dtype=bfloat16"], ["--compile=True"],
+                                   ["--init_from=prune", "--n_head=4", "--n_kv_head=2",
+                                    "--intermediate_size=48", "--prune_windows=8"], "ddp"],
+                         ids=["float16", "bfloat16", "compile", "prune", "two processes"])
+def test_on_policy_with_each_way_to_train(extra, data, model_dir, tmp_path):
+    """On-policy steps under autocast (float16's GradScaler), torch.compile, a pruned start and two
+    processes: the run finishes, every row finite, its own positions counted."""
+    ddp = extra == "ddp"
+    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *ON,
+            "--max_iters=4", *([] if ddp else extra), ddp=ddp, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    train, evals = read_log(tmp_path)
+    assert [row["iter"] for row in train] == list(range(4))
+    assert all(torch.isfinite(torch.tensor([row["loss"], row["own_kl"]])).all() for row in train)
