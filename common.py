@@ -8,6 +8,7 @@ It imports nothing of the project.
 import os
 import re
 import sys
+import time
 
 
 def error(msg):  # one line and exit status 1; under torchrun rank 0 alone prints it
@@ -288,6 +289,20 @@ def peak_mem_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, None  # Linux: KiB
 
 
+def clock(device):  # a point in time, read later without a wait: a CUDA event on a GPU
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds(a, b):  # between two clock() points, once a sync has passed both
+    return b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3
+
+
 def time_at_peak(device, parts):
     """The seconds that parts, [(FLOPs, dtype name)], would take at the device's dense peaks, each
     at its dtype's. None (MFU null, not a wrong number) on CPUs and GPUs not in PEAK_FLOPS."""
@@ -331,8 +346,6 @@ class progress:
     """
 
     def __init__(self, total, desc, unit="it", every=30.0, enabled=True, file=None):
-        import time
-
         self.total, self.desc, self.unit, self.every, self.n = total, desc, unit, every, 0
         terminal = file is None and sys.stdout.isatty() and sys.stderr.isatty()
         self.file, self.clock, self.bar = file or sys.stdout, time.monotonic, None

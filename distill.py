@@ -452,18 +452,6 @@ t_log, log_from, stop = time.time(), iter_num, False
 gen_seconds = []  # (start, end) of each on-policy generation since the last train row
 
 
-def clock():  # a point in time, read later without a wait: a CUDA event on a GPU, else the clock
-    if device_type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def seconds(a, b):  # between two clock() points, once the step's sync has passed both
-    return b - a if device_type != "cuda" else a.elapsed_time(b) / 1e3
-
-
 step_hint = (f"lower --batch_size (now {batch_size}) and raise --gradient_accumulation_steps (now "
              f"{gradient_accumulation_steps}) to keep the step's tokens, or lower --kd_chunk_size")
 while True:
@@ -534,7 +522,7 @@ while True:
     # on-policy (onpolicy.py): the student first writes the end of each of its windows itself
     keeps, share = [None] * gradient_accumulation_steps, onpolicy_share + 1e-12
     if onpolicy_tokens and int((iter_num + 1) * share) > int(iter_num * share):  # share of steps
-        t_gen = clock()
+        t_gen = common.clock(device)
         with autocast:
             made = [onpolicy.continue_windows(raw_model, x, onpolicy_tokens, onpolicy_temperature,
                                               onpolicy.draws(seed, iter_num, w, onpolicy_tokens),
@@ -542,7 +530,7 @@ while True:
                     for (x, _, _), w in zip(batches, step_windows(data_pos))]
         batches = [(x_new, y, None) for (x_new, _), (_, y, _) in zip(made, batches)]
         keeps = [keep for _, keep in made]
-        gen_seconds.append((t_gen, clock()))
+        gen_seconds.append((t_gen, common.clock(device)))
     # the loss is divided by the valid tokens of the whole step, all micro-steps and processes; DDP
     # averages gradients over processes, so each passes global / world_size: the global mean
     n_tokens = sum((y != -100).sum() if keep is None else
@@ -594,7 +582,7 @@ while True:
             n = r["n"] + r["n_own"]  # the step's tokens: the prefixes', the student's own
             row.update(ce=r["ce"] * n / r["n"], own_kl=r["own_kl"] * n / r["n_own"] if r["n_own"]
                        else None, own_teacher_logprob=r["lp"] / r["n_lp"] if r["n_lp"] else None,
-                       gen_share=sum(seconds(a, b) for a, b in gen_seconds) / dt)
+                       gen_share=sum(common.seconds(a, b) for a, b in gen_seconds) / dt)
         log(row)
         t_log, log_from = time.time(), iter_num + 1
     if iter_num % log_interval == 0:
