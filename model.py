@@ -38,7 +38,7 @@ class ModelConfig:
     qkv_bias: bool = True  # Qwen2 always biases q/k/v; Qwen3 q/k/v/o only with attention_bias
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim of each head's q and k, before RoPE
-    model_type: str = "qwen2"  # what save_pretrained writes: "qwen2" or "qwen3"
+    model_type: str = "qwen2"  # what hf.save writes: "qwen2" or "qwen3"
 
 
 CONFIGS = {
