@@ -31,7 +31,9 @@ def save(path, ckpt):
     kill or a full disk during the write leaves the earlier checkpoint whole (WriteError)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     ckpt = dict(ckpt, version=FORMAT)
-    need = sum(t.numel() * t.element_size() for t in tensors(ckpt))
+    # bytes of each storage once: the tied head and embedding are one tensor
+    need = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors(ckpt)}.values())
     atomic_write(path, lambda f: torch.save(ckpt, f), need=need)
 
 

@@ -17,6 +17,7 @@ eval, on Ctrl-C and at the end; init_from="resume" continues exactly) and at the
 Hugging Face directory with the tokenizer.
 """
 
+import inspect
 import math
 import os
 import sys
@@ -353,9 +354,11 @@ if compile and teacher_model is not None:
 train_model = model
 if ddp:  # around the compiled module, as PyTorch advises: DDPOptimizer then splits its graph at
     # the gradient buckets, whose all-reduces overlap the backward. The only buffers are the RoPE
-    # tables, the same on every process: not broadcast at every forward
+    # tables, the same on every process: not broadcast at every forward (its name since torch 2.13)
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else "broadcast_buffers")
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                      broadcast_buffers=False)
+                      **{no_sync: False})
 
 # -----------------------------------------------------------------------------
 # the loop's helpers: schedule, loss, sums over processes, health checks, log, MFU, stop requests

@@ -245,8 +245,8 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len, backward=True):
         """Matmul FLOPs per token as (body, head): 2 per weight forward, 4 more backward, plus
-        attention's scores and weighted sum, none for the embedding lookup. Two parts: distill_loss
-        runs the heads in float32 (a teacher's in its own dtype), whatever the body's dtype."""
+        attention's scores and weighted sum, none for the embedding lookup. Two parts: the head runs
+        apart from the body (in distill_loss, a chunk at a time): a caller may weigh them apart."""
         cfg, k = self.config, (6 if backward else 2)
         attention = 2 * k * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
         body = k * sum(p.numel() for p in self.layers.parameters()) + attention

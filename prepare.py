@@ -14,13 +14,11 @@ already has a meta.json, prepare.py says so and leaves it alone; --force rebuild
 
 import itertools
 import os
-import signal
 import socket
-import sys
 import tempfile
 from urllib.parse import urlparse
 
-from common import WriteError, die, write_failed
+from common import WriteError, die, one_line_errors, write_failed
 from configurator import at_least, between, check, configure
 from data import clean, find_files, prepare, read_files
 from hf import TOKENIZER_FILES, load_tokenizer, resolve_pretrained
@@ -163,14 +161,8 @@ def main():
         raise
 
 
-def interrupted(signum, frame):  # SIGTERM (kill, a notebook's stop button) as Ctrl-C: one line
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("prepare.py: interrupted; the temp files are gone, nothing was renamed into place "
-                 "(rerun the same command)")
+    # Ctrl-C and SIGTERM (kill, a notebook's stop button): one line, status 130; the temp files are
+    # gone by then and nothing was renamed into place
+    one_line_errors()
+    main()
