@@ -173,10 +173,6 @@ def run_script(script, *args, env=None, cwd=None, timeout=300, ddp=False, fresh=
                           text=True, env=dict(ENV, **(env or {})), cwd=cwd, timeout=timeout)
 
 
-def run(*args, **kw):  # distill.py, for the files not yet on run_script
-    return run_script("distill.py", *args, **kw)
-
-
 def start_script(script, *args, cwd=None):
     """run_script's fresh process, started, not waited for: stdout and stderr are pipes of text
     (for a test that reads its progress and sends it signals)."""
