@@ -150,6 +150,21 @@ def snapshot(d):
     return {str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
 
 
+@pytest.fixture
+def fresh_compile():
+    """torch.compile's caches emptied: each test compiles its own graphs (dynamo stops compiling a
+    function after 8 variants)."""
+    import torch
+
+    import loss
+
+    torch._dynamo.reset()
+    loss._compiled.clear()
+    yield
+    torch._dynamo.reset()
+    loss._compiled.clear()
+
+
 # -----------------------------------------------------------------------------
 # the scripts, as a user runs them
 

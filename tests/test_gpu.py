@@ -137,17 +137,6 @@ def loss_and_grads(args, dtype, compile, **kw):
     return loss.detach(), stats, h_s.grad, w_s.grad
 
 
-@pytest.fixture
-def fresh_compile():
-    import loss
-
-    torch._dynamo.reset()
-    loss._compiled.clear()
-    yield
-    torch._dynamo.reset()
-    loss._compiled.clear()
-
-
 @pytest.mark.parametrize("dtype, mode, compile", LOSS_CASES,
                          ids=lambda v: NAME.get(v, v) if not isinstance(v, bool)
                          else ("compiled" if v else "eager"))

@@ -307,17 +307,6 @@ def test_top1_with_a_teacher_near_the_student(kind):
     assert 0.5 < s["top1"] < 1
 
 
-@pytest.fixture
-def fresh_compile():
-    """torch.compile's caches emptied: each test compiles its own graphs (dynamo stops compiling a
-    function after 8 variants)."""
-    torch._dynamo.reset()
-    loss._compiled.clear()
-    yield
-    torch._dynamo.reset()
-    loss._compiled.clear()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["forward_kl", "jsd", "sparse"])  # each a compile (~10 s)
 def test_compiled_chunk_matches_reference(mode, fresh_compile):
