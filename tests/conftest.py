@@ -208,7 +208,7 @@ def forked(argv, cwd, timeout):
 
     def reply():
         line = server.stdout.readline()
-        assert line, "the fork server stopped (its error is above); FORKSERVER=0 runs without it"
+        assert line, "the fork server stopped; FORKSERVER=0 runs every script without it"
         return int(line)
 
     with tempfile.TemporaryDirectory() as tmp:
