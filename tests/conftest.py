@@ -190,10 +190,13 @@ def run_script(script, *args, env=None, cwd=None, timeout=300, ddp=False, fresh=
 
 def start_script(script, *args, cwd=None):
     """run_script's fresh process, started, not waited for: stdout and stderr are pipes of text
-    (for a test that reads its progress and sends it signals)."""
+    (for a test that reads its progress and sends it signals). Ctrl-C reaches it as from a
+    terminal, also where pytest runs with SIGINT ignored (a background job of a shell without job
+    control), which the process would inherit."""
     return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            cwd=str(cwd or os.path.dirname(REPO)))
+                            cwd=str(cwd or os.path.dirname(REPO)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 server = None  # the fork server, started by the first run that needs it; ends with pytest
