@@ -62,7 +62,8 @@ def test_kd_vs_ce_tiny(tmp_path):
     (tmp_path / "out" / "kd_vs_ce").mkdir()
     (tmp_path / "out" / "kd_vs_ce" / "size.json").write_text('{"size": "tiny"}')
     before = (out / "results.json").read_text()
-    for where in ([], [f"--out={out}"]):
-        r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=full", *where, cwd=tmp_path)
+    for where in ([], [f"--out={out}"]):  # the first in a fresh interpreter (conftest.run_script)
+        r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=full", *where, cwd=tmp_path,
+                       fresh=not where)
         assert_one_line_error(r, "kd_vs_ce.py", "holds the tiny size's runs")
     assert (out / "results.json").read_text() == before  # the tiny runs' results untouched
