@@ -1,62 +1,69 @@
-"""experiments/kd_vs_ce.py end to end at its smallest setting: tokenizer, prepare, teacher, two students, table."""
+"""experiments/kd_vs_ce.py end to end at its smallest setting: tokenizer, prepare, teacher, two
+students, table."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
-from conftest import CORPUS, REPO
+import pytest
+
+from conftest import CORPUS, assert_one_line_error, run_script
+
+pytestmark = pytest.mark.slow
 
 
-def experiment(*args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", "kd_vs_ce.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+KD_VS_CE = "experiments/kd_vs_ce.py"
 
 
 def test_kd_vs_ce_tiny(tmp_path):
-    rng = random.Random(0)
-    with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
+    rng, corpus = random.Random(0), tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
         for _ in range(80):
             f.write(json.dumps({"text": "".join(rng.sample(CORPUS, 3))}, ensure_ascii=False) + "\n")
     out = tmp_path / "out" / "kd_vs_ce_tiny"  # the tiny size's own default --out
-    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", "--seeds", "1", cwd=tmp_path)
+    r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", "--seeds", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    for label in ("| distilled (alpha 0.5) |", "| CE only (alpha 0) |", "| pruned, then distilled (lr 0.003) |"):
+    for label in ("| distilled (alpha 0.5) |", "| CE only (alpha 0) |",
+                  "| pruned, then distilled (lr 0.003) |"):
         assert label in r.stdout, r.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["teacher_val_ce"] > 0 and set(res["arms"]) == {"kd", "ce", "prune"}
     for name in ("kd", "ce", "prune"):
         rows = res["evals"][f"{name}_seed1"]
         assert [row["iter"] for row in rows] == [0, 4, 8]
-        assert rows[-1]["val_ce"] > 0 and 0 <= rows[-1]["val_top1"] <= 1 and rows[-1]["val_kl"] >= 0
+        last = rows[-1]
+        assert last["val_ce"] > 0 and 0 <= last["val_top1"] <= 1 and last["val_kl"] >= 0
     # the pruned student starts from the teacher's weights: closer to it than a random start
     assert res["evals"]["prune_seed1"][0]["val_kl"] < res["evals"]["kd_seed1"][0]["val_kl"]
     assert (out / "teacher" / "hf" / "model.safetensors").exists()
     assert (out / "results.md").read_text().startswith("teacher val CE")
     # a rerun into the same OUT reuses the finished students and trains only the new arm
-    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
+    r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", f"--out={out}", "--seeds", "1",
                    "--arms", "kd", "prune:learning_rate=1e-3")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "kd_seed1: reusing" in r.stdout and "prune_learning_rate=1e-3_seed1: reusing" not in r.stdout
+    assert "kd_seed1: reusing" in r.stdout
+    assert "prune_learning_rate=1e-3_seed1: reusing" not in r.stdout
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["evals"]["kd_seed1"] == res["evals"]["kd_seed1"]
-    assert [row["iter"] for row in rerun["evals"]["prune_learning_rate=1e-3_seed1"]] == [0, 4, 8]
-    # other settings asked for: what they change is rebuilt, not reused (and the table's label follows)
-    r = experiment("--size=tiny", f"--corpus={tmp_path / 'corpus.jsonl'}", f"--out={out}", "--seeds", "1",
+    new_arm = rerun["evals"]["prune_learning_rate=1e-3_seed1"]
+    assert [row["iter"] for row in new_arm] == [0, 4, 8]
+    # other settings asked for: what they change is rebuilt, not reused (and the table's label
+    # follows)
+    r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", f"--out={out}", "--seeds", "1",
                    "--arms", "kd", "--temperature=1.0", "--alpha=0.25")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "teacher: reusing" in r.stdout and "kd_seed1: reusing" not in r.stdout, r.stdout
-    assert "kd_seed1" in r.stdout and "made with other settings: rebuilding it" in r.stdout, r.stdout
+    assert "kd_seed1" in r.stdout, r.stdout
+    assert "made with other settings: rebuilding it" in r.stdout, r.stdout
     assert "| distilled (alpha 0.25) |" in r.stdout and "T 1.0" in r.stdout
     settings = json.loads((out / "kd_seed1" / "settings.json").read_text())
     assert "--temperature=1.0" in settings["args"] and "--alpha=0.25" in settings["args"]
-    # the full size has its own default --out; one that holds another size's runs is refused, before any work
+    # the full size has its own default --out; one that holds another size's runs is refused,
+    # before any work
     (tmp_path / "out" / "kd_vs_ce").mkdir()
     (tmp_path / "out" / "kd_vs_ce" / "size.json").write_text('{"size": "tiny"}')
     before = (out / "results.json").read_text()
-    for where in ([], [f"--out={out}"]):
-        r = experiment("--size=full", f"--corpus={tmp_path / 'corpus.jsonl'}", *where, cwd=tmp_path)
-        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stdout + r.stderr
-        assert "holds the tiny size's runs" in r.stderr and "Traceback" not in r.stderr
+    for where in ([], [f"--out={out}"]):  # the first in a fresh interpreter (conftest.run_script)
+        r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=full", *where, cwd=tmp_path,
+                       fresh=not where)
+        assert_one_line_error(r, "kd_vs_ce.py", "holds the tiny size's runs")
     assert (out / "results.json").read_text() == before  # the tiny runs' results untouched

@@ -6,16 +6,13 @@ either sign; an entry that cancels to ~0 keeps an absolute float32 rounding erro
 the size of its terms, so it cannot be relatively accurate: atol = 1e-6 * max|grad| covers those.
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import loss  # noqa: E402
-from loss import distill_loss, reference_loss  # noqa: E402
+import loss
+from loss import distill_loss, reference_loss
 
 B, T, V, D_S, D_T = 3, 11, 157, 16, 24  # B*T = 33 tokens, V not a multiple of anything
 
@@ -58,13 +55,13 @@ def close(actual, expected, rtol=1e-5, atol_frac=1e-6):
 
 
 def check_against_reference(inputs, rtol=1e-5, **kw):
-    l, s, gh, gw = fused(*inputs, **kw)
+    val, s, gh, gw = fused(*inputs, **kw)
     kw.pop("chunk_size", None), kw.pop("compile", None)
     rl, rs, rgh, rgw = reference(*inputs, **kw)
-    assert l.dtype == torch.float32 and all(v.dtype == torch.float32 for v in s.values())
+    assert val.dtype == torch.float32 and all(v.dtype == torch.float32 for v in s.values())
     assert all(v.dim() == 0 and not v.requires_grad for v in s.values())
     assert s.keys() == rs.keys()
-    close(l, rl, rtol)
+    close(val, rl, rtol)
     for k in rs:
         close(s[k], rs[k], rtol)
     close(gh, rgh, rtol)
@@ -123,36 +120,39 @@ def test_gradient_accumulation():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
-    """Half inputs. The student's side is computed in float32 and its gradients come back in its dtype. The
-    teacher's head multiplies in its own dtype, as a float16 teacher's does on a GPU (there with a float32 result;
-    on a CPU the product is rounded): the loss, stats and gradients match the float64 reference to the half
-    dtype's precision."""
+    """Half inputs. The student's side is computed in float32 and its gradients come back in its
+    dtype. The teacher's head multiplies in its own dtype, as a float16 teacher's does on a GPU
+    (there with a float32 result; on a CPU the product is rounded): the loss, stats and gradients
+    match the float64 reference to the half dtype's precision."""
     inputs = make_inputs(6, dtype=dtype)
-    l, s, gh, gw = fused(*inputs, vocab_size=V - 20)
+    val, s, gh, gw = fused(*inputs, vocab_size=V - 20)
     rl, rs, rgh, rgw = reference(*inputs, vocab_size=V - 20)
-    assert gh.dtype == dtype and gw.dtype == dtype and l.dtype == torch.float32
+    assert gh.dtype == dtype and gw.dtype == dtype and val.dtype == torch.float32
     tol = 2 * torch.finfo(dtype).eps
-    close(l, rl, rtol=tol)
+    close(val, rl, rtol=tol)
     for k in rs:
         close(s[k], rs[k], rtol=tol, atol_frac=tol)
     close(gh, rgh, rtol=tol, atol_frac=tol)
     close(gw, rgw, rtol=tol, atol_frac=tol)
-    # CE only, without gradients (how distill.py takes a half teacher's own CE): its head is never cast whole
+    # CE only, without gradients (how distill.py takes a half teacher's own CE): its head is never
+    # cast whole
     with torch.no_grad():
-        _, s = distill_loss(inputs[2], inputs[3], None, None, inputs[4], alpha=0.0, vocab_size=V - 20)
+        _, s = distill_loss(inputs[2], inputs[3], None, None, inputs[4], alpha=0.0,
+                            vocab_size=V - 20)
     zt = (inputs[2].double() @ inputs[3].double()[:V - 20].T)[inputs[4] != -100]
     close(s["ce"], F.cross_entropy(zt, inputs[4][inputs[4] != -100]), rtol=tol)
 
 
 def test_ce_only_matches_cross_entropy():
     h_s, w_s, _, _, y = make_inputs(7)
-    l, s, gh, gw = fused(h_s, w_s, None, None, y, alpha=0.0, vocab_size=V - 20, chunk_size=6)
-    assert set(s) == {"ce", "kl", "div", "top1", "n"}  # the same keys in every mode: 0 without a teacher
+    val, s, gh, gw = fused(h_s, w_s, None, None, y, alpha=0.0, vocab_size=V - 20, chunk_size=6)
+    # the same keys in every mode: 0 without a teacher
+    assert set(s) == {"ce", "kl", "div", "top1", "n"}
     assert s["kl"] == 0 and s["div"] == 0 and s["top1"] == 0
     hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
     ref = F.cross_entropy((hs @ ws[:V - 20].T).view(-1, V - 20), y.view(-1), ignore_index=-100)
     ref.backward()
-    close(l, ref.detach())
+    close(val, ref.detach())
     close(s["ce"], ref.detach())
     close(gh, hs.grad)
     close(gw, ws.grad)
@@ -165,8 +165,8 @@ def test_no_valid_tokens():
     h_s, w_s, h_t, w_t, y = make_inputs(8)
     y[:] = -100
     for norm in (None, 0, torch.tensor(0.0)):
-        l, s, gh, gw = fused(h_s, w_s, h_t, w_t, y, normalizer=norm)
-        assert l.item() == 0 and gh.abs().sum() == 0 and gw.abs().sum() == 0
+        val, s, gh, gw = fused(h_s, w_s, h_t, w_t, y, normalizer=norm)
+        assert val.item() == 0 and gh.abs().sum() == 0 and gw.abs().sum() == 0
         assert all(torch.isfinite(v) for v in s.values()) and s["n"] == 0
 
 
@@ -188,12 +188,12 @@ def test_large_logits_stay_finite(temperature):
     # logits of +-hundreds: probabilities underflow to 0; log-space math keeps everything finite
     inputs = make_inputs(10, scale=100.0)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        l, s, gh, gw = fused(*inputs, kind=kind, temperature=temperature)
-        assert torch.isfinite(l) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+        val, s, gh, gw = fused(*inputs, kind=kind, temperature=temperature)
+        assert torch.isfinite(val) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
     # and the default still matches (CE is taken as log_softmax(T * log p_s) when T != 1)
-    l, s, gh, gw = fused(*inputs, temperature=temperature)
+    val, s, gh, gw = fused(*inputs, temperature=temperature)
     rl, rs, rgh, rgw = reference(*inputs, temperature=temperature)
-    close(l, rl)
+    close(val, rl)
     for k in rs:
         close(s[k], rs[k])
     for g, rg in ((gh, rgh), (gw, rgw)):  # float32 rounding of tiny entries: compare to the largest
@@ -208,33 +208,36 @@ def test_bad_arguments():
             distill_loss(*inputs, **kw)
 
 
-def total_variation(log_ps, log_pt, beta):  # a divergence given by its value alone: 1/2 sum |p_s - p_t|
+def total_variation(log_ps, log_pt, beta):  # a divergence by its value alone: 1/2 sum |p_s - p_t|
     return 0.5 * (log_ps.exp() - log_pt.exp()).abs().sum(-1)
 
 
-def alpha_divergence(log_ps, log_pt, beta):  # Amari's alpha-divergence with alpha = beta, also by its value alone
+def alpha_divergence(log_ps, log_pt, beta):  # Amari's, alpha = beta, also by its value alone
     return (1 - torch.exp(beta * log_pt + (1 - beta) * log_ps).sum(-1)) / (beta * (1 - beta))
 
 
 @pytest.mark.parametrize("name, fn", [("tv", total_variation), ("alpha_div", alpha_divergence)])
 def test_new_divergence_by_its_value_alone(name, fn, monkeypatch):
-    """A divergence added to the table by its value alone: distill_loss takes its gradient from autograd per chunk,
-    and its loss and gradients match autograd through the full-logits reference."""
+    """A divergence added to the table by its value alone: distill_loss takes its gradient from
+    autograd per chunk, and its loss and gradients match autograd through the full-logits
+    reference."""
     monkeypatch.setitem(loss.DIVERGENCES, name, fn)
     assert name in loss.KD_KINDS  # distill.py's kd_kind check reads the table
     for alpha, temperature in ((0.5, 2.0), (1.0, 0.7)):
-        s, _ = check_against_reference(make_inputs(12), kind=name, alpha=alpha, temperature=temperature, beta=0.3,
-                                       vocab_size=V - 20, chunk_size=8)
+        s, _ = check_against_reference(make_inputs(12), kind=name, alpha=alpha,
+                                       temperature=temperature, beta=0.3, vocab_size=V - 20,
+                                       chunk_size=8)
         assert s["div"] > 0 and not torch.equal(s["div"], s["kl"])
-    # and it trains: a few steps of plain gradient descent on the student's head lower the divergence
+    # and it trains: a few steps of plain gradient descent on the student's head lower the
+    # divergence
     h_s, w_s, h_t, w_t, y = make_inputs(13)
     w_s = w_s.clone().requires_grad_()
     first = None
     for _ in range(20):
-        l, st = distill_loss(h_s, w_s, h_t, w_t, y, alpha=1.0, kind=name, beta=0.3, chunk_size=8)
+        val, st = distill_loss(h_s, w_s, h_t, w_t, y, alpha=1.0, kind=name, beta=0.3, chunk_size=8)
         first = st["div"].item() if first is None else first
         w_s.grad = None
-        l.backward()
+        val.backward()
         with torch.no_grad():
             w_s -= 5.0 * w_s.grad
     assert st["div"].item() < 0.9 * first
@@ -244,7 +247,8 @@ def test_stats_have_the_same_keys_in_every_mode():
     h_s, w_s, h_t, w_t, y = make_inputs(14)
     sparse = dict(ids=torch.zeros(B, T, 1, dtype=torch.long), t_hat=torch.ones(B, T, 1),
                   entropy=torch.zeros(B, T), argmax=torch.zeros(B, T, dtype=torch.long))
-    for args, kw in (((h_t, w_t), {}), ((None, None), dict(alpha=0.0)), ((None, None), dict(sparse=sparse))):
+    for args, kw in (((h_t, w_t), {}), ((None, None), dict(alpha=0.0)),
+                     ((None, None), dict(sparse=sparse))):
         _, s = distill_loss(h_s, w_s, *args, y, **kw)
         assert list(s) == ["ce", "kl", "div", "top1", "n"]
 
@@ -254,12 +258,13 @@ def test_reference_loss_is_the_textbook_loss():
     h_s, w_s, h_t, w_t, y = [x.double() if x.is_floating_point() else x for x in make_inputs(15)]
     m = y != -100
     z_s, z_t = (h_s @ w_s.T)[m], (h_t @ w_t.T)[m]
-    l, s = reference_loss(h_s, w_s, h_t, w_t, y, alpha=0.3, temperature=2.0)
-    kl = F.kl_div(F.log_softmax(z_s / 2, -1), F.log_softmax(z_t / 2, -1), log_target=True, reduction="sum") / m.sum()
+    val, s = reference_loss(h_s, w_s, h_t, w_t, y, alpha=0.3, temperature=2.0)
+    kl = F.kl_div(F.log_softmax(z_s / 2, -1), F.log_softmax(z_t / 2, -1), log_target=True,
+                  reduction="sum") / m.sum()
     ce = F.cross_entropy(z_s, y[m])
     close(s["kl"], kl)
     close(s["ce"], ce)
-    close(l, 0.3 * 4 * kl + 0.7 * ce)
+    close(val, 0.3 * 4 * kl + 0.7 * ce)
     p_s, p_t = F.softmax(z_s / 2, -1), F.softmax(z_t / 2, -1)
     mix = (p_s + p_t) / 2
     jsd = (0.5 * (p_t * (p_t / mix).log()).sum() + 0.5 * (p_s * (p_s / mix).log()).sum()) / m.sum()
@@ -270,19 +275,21 @@ def test_reference_loss_is_the_textbook_loss():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_head_in_the_autocast_dtype(dtype):
-    """Under autocast the student's head products run in that dtype: the loss and gradients stay within that
-    dtype's rounding of the float32 path (float16's gradient scaled clear of its underflow)."""
+    """Under autocast the student's head products run in that dtype: the loss and gradients stay
+    within that dtype's rounding of the float32 path (float16's gradient scaled clear of its
+    underflow)."""
     inputs = make_inputs(16)
     l32, s32, gh32, gw32 = fused(*inputs, vocab_size=V - 20, chunk_size=8)
     with torch.autocast("cpu", dtype=dtype):
         l16, s16, gh16, gw16 = fused(*inputs, vocab_size=V - 20, chunk_size=8)
-    assert l16.dtype == torch.float32 and gh16.dtype == torch.float32 and gw16.dtype == torch.float32
+    assert l16.dtype == gh16.dtype == gw16.dtype == torch.float32
     assert not torch.equal(gw16, gw32)  # the products did change dtype
     eps = torch.finfo(dtype).eps
     assert abs(l16 - l32) <= 4 * eps * l32
     for g, g32 in ((gh16, gh32), (gw16, gw32)):
         assert F.cosine_similarity(g.flatten(), g32.flatten(), 0) > 1 - 4 * eps
-    for kind in ("reverse_kl", "jsd"):  # float16 without a bound on G keeps the backward products in float32
+    # float16 without a bound on G keeps the backward products in float32
+    for kind in ("reverse_kl", "jsd"):
         ref = fused(*inputs, kind=kind, chunk_size=8)
         with torch.autocast("cpu", dtype=dtype):
             got = fused(*inputs, kind=kind, chunk_size=8)
@@ -292,45 +299,41 @@ def test_head_in_the_autocast_dtype(dtype):
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_top1_with_a_teacher_near_the_student(kind):
-    """Random teachers never agree with the student (top1 = 0 above): a teacher close to the student does."""
+    """Random teachers never agree with the student (top1 = 0 above): a teacher close to the student
+    does."""
     h_s, w_s, _, _, y = make_inputs(17)
     h_t = h_s + 0.3 * torch.randn(h_s.shape, generator=torch.Generator().manual_seed(0))
     s, _ = check_against_reference([h_s, w_s, h_t, w_s.clone(), y], kind=kind, chunk_size=8)
     assert 0.5 < s["top1"] < 1
 
 
-@pytest.fixture
-def fresh_compile():
-    """torch.compile's caches emptied: each test compiles its own graphs (dynamo stops compiling a function after
-    8 variants)."""
-    torch._dynamo.reset()
-    loss._compiled.clear()
-    yield
-    torch._dynamo.reset()
-    loss._compiled.clear()
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["forward_kl", "jsd", "sparse"])  # each a compile (~10 s)
 def test_compiled_chunk_matches_reference(mode, fresh_compile):
-    """compile=True: the chunk's elementwise work through torch.compile (inductor's C++ on a CPU) gives the
-    reference's values and gradients, as the eager chunk does (CE alone is the same code without a teacher). 33
-    tokens in chunks of 11: one graph."""
+    """compile=True: the chunk's elementwise work through torch.compile (inductor's C++ on a CPU)
+    gives the reference's values and gradients, as the eager chunk does (CE alone is the same code
+    without a teacher). 33 tokens in chunks of 11: one graph."""
     h_s, w_s, h_t, w_t, y = make_inputs(18)
     if mode == "sparse":
         g = torch.Generator().manual_seed(1)
         t_hat = torch.rand(B, T, 4, generator=g)
-        sparse = dict(ids=torch.randint(0, V - 20, (B, T, 4), generator=g), t_hat=t_hat / t_hat.sum(-1, keepdim=True),
-                      entropy=torch.rand(B, T, generator=g), argmax=torch.randint(0, V - 20, (B, T), generator=g))
-        check_against_reference([h_s, w_s, None, None, y], sparse=sparse, chunk_size=11, compile=True)
+        sparse = dict(ids=torch.randint(0, V - 20, (B, T, 4), generator=g),
+                      t_hat=t_hat / t_hat.sum(-1, keepdim=True),
+                      entropy=torch.rand(B, T, generator=g),
+                      argmax=torch.randint(0, V - 20, (B, T), generator=g))
+        check_against_reference([h_s, w_s, None, None, y], sparse=sparse, chunk_size=11,
+                                compile=True)
     else:
-        check_against_reference([h_s, w_s, h_t, w_t, y], kind=mode, alpha=0.3, chunk_size=11, compile=True)
+        check_against_reference([h_s, w_s, h_t, w_t, y], kind=mode, alpha=0.3, chunk_size=11,
+                                compile=True)
     assert loss._compiled["terms"] is not None  # it did compile, and did not fall back
 
 
+@pytest.mark.slow
 def test_compiled_chunk_in_half_precision(fresh_compile):
-    """Under autocast the compiled chunk hands the backward products its gradient in the half dtype, float16's
-    scaled as the eager chunk's: the same loss, and gradients within rounding of the eager path's. float16 only
-    (bfloat16 takes the same path without the scale)."""
+    """Under autocast the compiled chunk hands the backward products its gradient in the half dtype,
+    float16's scaled as the eager chunk's: the same loss, and gradients within rounding of the eager
+    path's. float16 only (bfloat16 takes the same path without the scale)."""
     inputs = make_inputs(19)
     for dtype in (torch.float16,):
         with torch.autocast("cpu", dtype=dtype):
@@ -344,8 +347,8 @@ def test_compiled_chunk_in_half_precision(fresh_compile):
 
 
 def test_compile_failure_falls_back_to_eager(fresh_compile, monkeypatch):
-    """A compile that fails (no C++ compiler, no Triton for the GPU) is one warning; the loss goes on eager, the
-    same values, and later calls do not try again."""
+    """A compile that fails (no C++ compiler, no Triton for the GPU) is one warning; the loss goes
+    on eager, the same values, and later calls do not try again."""
     calls = []
 
     def broken_compile(fn, **kw):
@@ -365,14 +368,16 @@ def test_compile_failure_falls_back_to_eager(fresh_compile, monkeypatch):
     assert len(calls) == 1 and loss._compiled["terms"] is None
 
 
-SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2", "unique_consecutive"}
+SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2",
+           "unique_consecutive"}
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(kind="jsd"), dict(alpha=0.0, h_t=None, w_t=None)])
 def test_no_op_the_host_waits_for(kw):
-    """distill_loss, forward and backward, with ignored tokens among the targets, runs no op whose output size or
-    value the host must read (nonzero, .item(), masked_select, unique): on a GPU each is a wait for the device, per
-    call. Ops counted by a dispatch mode here; the GPU suite checks it with CUDA's sync debug mode."""
+    """distill_loss, forward and backward, with ignored tokens among the targets, runs no op whose
+    output size or value the host must read (nonzero, .item(), masked_select, unique): on a GPU each
+    is a wait for the device, per call. Ops counted by a dispatch mode here; the GPU suite checks it
+    with CUDA's sync debug mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -386,6 +391,7 @@ def test_no_op_the_host_waits_for(kw):
     args = dict(h_t=h_t, w_t=w_t) | kw
     h_s, w_s = h_s.requires_grad_(), w_s.requires_grad_()
     with Ops() as ops:
-        loss, stats = distill_loss(h_s, w_s, args.pop("h_t"), args.pop("w_t"), y, chunk_size=8, **args)
+        loss, stats = distill_loss(h_s, w_s, args.pop("h_t"), args.pop("w_t"), y, chunk_size=8,
+                                   **args)
         loss.backward()
     assert "mm" in ops.seen and not ops.seen & SYNCING, ops.seen & SYNCING

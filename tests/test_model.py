@@ -1,5 +1,7 @@
-"""model.py against transformers' Qwen2ForCausalLM / Qwen3ForCausalLM, the oracle: random tiny configs in float32."""
+"""model.py against transformers' Qwen2ForCausalLM / Qwen3ForCausalLM, the oracle: random tiny
+configs in float32."""
 
+import copy
 import json
 import os
 
@@ -8,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 import hf
+from conftest import make_loud_model
 from hf import config_from_hf
 from loss import distill_loss
 from model import CONFIGS, ModelConfig, Transformer, sample_next
@@ -22,10 +25,11 @@ SHAPES = [
 
 
 def hf_model(tied, n_head, n_kv, hidden, head_dim, inter, vocab, seed=0):
-    return random_hf(Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
-                                 num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
-                                 tie_word_embeddings=tied, rope_theta=10000.0, max_position_embeddings=64,
-                                 rms_norm_eps=1e-5), seed)
+    return random_hf(Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                 num_hidden_layers=3, num_attention_heads=n_head,
+                                 num_key_value_heads=n_kv, head_dim=head_dim,
+                                 tie_word_embeddings=tied, rope_theta=10000.0,
+                                 max_position_embeddings=64, rms_norm_eps=1e-5), seed)
 
 
 def random_hf(cfg, seed=0):
@@ -38,13 +42,18 @@ def random_hf(cfg, seed=0):
 
 
 # one tiny random config per teacher family, with that family's switches
-TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-6)
 FAMILIES = {
-    "qwen2.5-0.5b": Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=1e6),  # no head_dim in the file
-    "r1-distill-qwen": Qwen2Config(**TINY, tie_word_embeddings=False, rope_theta=1e4, max_window_layers=1),
-    "qwen2.5-7b": Qwen2Config(**dict(TINY, vocab_size=152064), tie_word_embeddings=False, rope_theta=1e6),
-    "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True, rope_theta=1e6),  # 16 != 32 / 4 heads
+    # no head_dim in the file
+    "qwen2.5-0.5b": Qwen2Config(**TINY, tie_word_embeddings=True, rope_theta=1e6),
+    "r1-distill-qwen": Qwen2Config(**TINY, tie_word_embeddings=False, rope_theta=1e4,
+                                   max_window_layers=1),
+    "qwen2.5-7b": Qwen2Config(**dict(TINY, vocab_size=152064), tie_word_embeddings=False,
+                              rope_theta=1e6),
+    # head_dim 16, not 32 / 4 heads
+    "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True, rope_theta=1e6),
     "qwen3-attention-bias": Qwen3Config(**TINY, head_dim=16, attention_bias=True, rope_theta=1e6),
 }
 
@@ -65,13 +74,15 @@ def test_logits_match_transformers(tmp_path, shape):
 
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_training_gradients_match_transformers(tmp_path, shape):
-    # the training path, hidden states and the head's weight into distill_loss (CE only), against transformers
+    # the training path, hidden states and the head's weight into distill_loss (CE only),
+    # against transformers
     ref = hf_model(*shape).train()
     ref.save_pretrained(tmp_path)
     ours = hf.load(str(tmp_path), verbose=False)
     idx, y = torch.randint(0, shape[-1], (2, 21)), torch.randint(0, shape[-1], (2, 21))
     y[0, :5] = -100
-    distill_loss(ours(idx), ours.lm_head.weight, None, None, y, alpha=0.0, chunk_size=8)[0].backward()
+    loss, _ = distill_loss(ours(idx), ours.lm_head.weight, None, None, y, alpha=0.0, chunk_size=8)
+    loss.backward()
     ref_loss = torch.nn.functional.cross_entropy(ref(idx).logits.flatten(0, 1), y.flatten())
     ref_loss.backward()
     theirs = {k.removeprefix("model."): p.grad for k, p in ref.named_parameters()}
@@ -83,8 +94,9 @@ def test_training_gradients_match_transformers(tmp_path, shape):
 @pytest.mark.parametrize("tied", [True, False])
 def test_export_round_trip(tmp_path, tokenizer_dir, tied):
     torch.manual_seed(1)
-    ours = Transformer(ModelConfig(vocab_size=90, n_layer=2, n_head=4, n_kv_head=1, n_embd=24, head_dim=6,
-                                   intermediate_size=40, max_seq_len=64, tie_word_embeddings=tied), verbose=False)
+    ours = Transformer(ModelConfig(vocab_size=90, n_layer=2, n_head=4, n_kv_head=1, n_embd=24,
+                                   head_dim=6, intermediate_size=40, max_seq_len=64,
+                                   tie_word_embeddings=tied), verbose=False)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -109,7 +121,8 @@ def test_teacher_families_match_transformers(tmp_path, family):
     ref.save_pretrained(tmp_path / "hf")
     ours = hf.load(str(tmp_path / "hf"), verbose=False)
     assert ours.config.model_type == ref.config.model_type
-    assert ours.num_params() == sum(p.numel() for p in ref.parameters())  # q_norm/k_norm, biases, head
+    # q_norm/k_norm, biases, head
+    assert ours.num_params() == sum(p.numel() for p in ref.parameters())
     idx = torch.randint(0, ref.config.vocab_size, (2, 40))
     with torch.no_grad():
         ref_logits = ref(idx).logits
@@ -120,7 +133,8 @@ def test_teacher_families_match_transformers(tmp_path, family):
     # our export loads in transformers as the same architecture, with the same logits
     hf.save(ours, tmp_path / "ours")
     cfg_json = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert cfg_json["architectures"] == ref.config.architectures and cfg_json["model_type"] == ref.config.model_type
+    assert cfg_json["architectures"] == ref.config.architectures
+    assert cfg_json["model_type"] == ref.config.model_type
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert type(back) is type(ref)
     with torch.no_grad():
@@ -137,7 +151,8 @@ SLIDING = [
 
 
 @pytest.mark.parametrize("window, max_window_layers, max_seq_len, refused", SLIDING)
-def test_sliding_window_refused_only_where_it_matters(tmp_path, window, max_window_layers, max_seq_len, refused):
+def test_sliding_window_refused_only_where_it_matters(tmp_path, window, max_window_layers,
+                                                      max_seq_len, refused):
     ref = random_hf(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=window,
                                 max_window_layers=max_window_layers))
     ref.save_pretrained(tmp_path)
@@ -154,16 +169,18 @@ def test_sliding_window_refused_only_where_it_matters(tmp_path, window, max_wind
         assert (ours.lm_head(ours(idx)) - ref(idx).logits).abs().max().item() <= 1e-4
 
 
-QWEN2 = dict(model_type="qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4)
+QWEN2 = dict(model_type="qwen2", vocab_size=101, hidden_size=32, intermediate_size=48,
+             num_hidden_layers=2, num_attention_heads=4)
 YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
 REFUSED = [  # config.json, what the one-line error says
-    ({"model_type": "deepseek_v3"}, r"model_type 'deepseek_v3'.*MLA.*DeepSeek-R1-Distill-Qwen-1.5B"),
+    ({"model_type": "deepseek_v3"},
+     r"model_type 'deepseek_v3'.*MLA.*DeepSeek-R1-Distill-Qwen-1.5B"),
     ({"model_type": "deepseek_v2"}, r"model_type 'deepseek_v2'.*MLA"),
     ({"model_type": "llama"}, r"model_type 'llama'.*only 'qwen2' and 'qwen3'"),
     ({"model_type": "qwen2_moe"}, r"model_type 'qwen2_moe'.*only 'qwen2' and 'qwen3'"),
     (dict(QWEN2, rope_scaling=dict(YARN, rope_type="yarn")), r"rope_scaling asks for 'yarn'"),
-    (dict(QWEN2, rope_scaling=dict(YARN, type="yarn")), r"rope_scaling asks for 'yarn'"),  # Qwen2.5's README spelling
+    # Qwen2.5's README spelling
+    (dict(QWEN2, rope_scaling=dict(YARN, type="yarn")), r"rope_scaling asks for 'yarn'"),
     (dict(QWEN2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
      r"rope_parameters asks for 'linear'"),
     (dict(QWEN2, hidden_act="gelu"), r"hidden_act 'gelu'"),
@@ -180,19 +197,22 @@ def test_refused_configs(tmp_path, cfg_json, match):
 
 def test_config_from_hf_defaults():
     q2 = config_from_hf(dict(QWEN2, max_position_embeddings=131072))
-    assert (q2.head_dim, q2.rope_theta, q2.qkv_bias, q2.o_bias, q2.qk_norm) == (8, 10000.0, True, False, False)
-    q3 = config_from_hf(dict(QWEN2, model_type="qwen3"))
-    assert (q3.head_dim, q3.qkv_bias, q3.o_bias, q3.qk_norm) == (128, False, False, True)  # Qwen3Config's defaults
-    assert config_from_hf(dict(QWEN2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})).rope_theta == 1e6
-    # DeepSeek-R1-Distill-Qwen-1.5B's layout with its window switched on: layers 21..27 would slide at 4096 tokens
-    sw = dict(QWEN2, num_hidden_layers=28, max_window_layers=21, use_sliding_window=True, sliding_window=4096,
-              max_position_embeddings=131072)
+    assert (q2.head_dim, q2.rope_theta, q2.qkv_bias, q2.o_bias, q2.qk_norm) == \
+        (8, 10000.0, True, False, False)
+    q3 = config_from_hf(dict(QWEN2, model_type="qwen3"))  # Qwen3Config's defaults
+    assert (q3.head_dim, q3.qkv_bias, q3.o_bias, q3.qk_norm) == (128, False, False, True)
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    assert config_from_hf(dict(QWEN2, rope_parameters=rope)).rope_theta == 1e6
+    # DeepSeek-R1-Distill-Qwen-1.5B's layout with its window switched on: layers 21..27 would slide
+    # at 4096 tokens
+    sw = dict(QWEN2, num_hidden_layers=28, max_window_layers=21, use_sliding_window=True,
+              sliding_window=4096, max_position_embeddings=131072)
     with pytest.raises(ValueError, match="sliding_window=4096 < 131072"):
         config_from_hf(sw)
     assert config_from_hf(sw, max_seq_len=4096).max_seq_len == 4096
     assert config_from_hf(dict(sw, max_window_layers=28)).max_seq_len == 131072  # no layer slides
-    bad = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, head_dim=8,
-                                  intermediate_size=32, qk_norm=True), verbose=False)
+    bad = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                                  head_dim=8, intermediate_size=32, qk_norm=True), verbose=False)
     with pytest.raises(ValueError, match="no Hugging Face layout"):  # a qwen2 has no q/k norms
         hf.save(bad, "unused")
 
@@ -257,9 +277,10 @@ def test_parameter_counts():
         student = Transformer(CONFIGS["student-123m"], verbose=False)
         teacher = Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False)
         qwen3 = Transformer(config_from_hf({  # Qwen/Qwen3-0.6B
-            "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
-            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-            "tie_word_embeddings": True, "max_position_embeddings": 40960}), verbose=False)
+            "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+            "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
+            "max_position_embeddings": 40960}), verbose=False)
     assert student.num_params() == 123_426_304
     assert teacher.num_params() == 494_032_768
     assert qwen3.num_params() == 596_049_920
@@ -267,8 +288,8 @@ def test_parameter_counts():
 
 def test_init_and_rope_dtype():
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=16, head_dim=8,
-                                intermediate_size=32, max_seq_len=32), verbose=False)
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                                head_dim=8, intermediate_size=32, max_seq_len=32), verbose=False)
     assert m.lm_head.weight is m.embed_tokens.weight
     assert torch.all(m.layers[0].self_attn.q_proj.bias == 0) and torch.all(m.norm.weight == 1)
     assert abs(m.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.005
@@ -286,7 +307,8 @@ def test_from_pretrained_errors(tmp_path, model_dir):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(open(os.path.join(model_dir, "config.json")).read())
-    sd = {k: v for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items() if "layers.1." not in k}
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    sd = {k: v for k, v in sd.items() if "layers.1." not in k}
     save_file(sd, bad / "model.safetensors")
     with pytest.raises(ValueError, match="missing .*layers.1"):
         hf.load(str(bad))
@@ -294,12 +316,13 @@ def test_from_pretrained_errors(tmp_path, model_dir):
         hf.load("Qwen/No-Such-Model-For-Tests")  # HF_HUB_OFFLINE=1 in conftest
 
 
+@pytest.mark.slow  # torch.compile's tracing
 def test_compiles_to_one_graph():
-    """The attention's GQA branch is decided outside forward (on an sm80+ GPU in half precision: flash attention
-    with enable_gqa); forced here under CPU bfloat16 autocast, the model is one graph for torch.compile, and the
-    branch gives the expanded K/V's result."""
-    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                                intermediate_size=48, max_seq_len=32), verbose=False)
+    """The attention's GQA branch is decided outside forward (on an sm80+ GPU in half precision:
+    flash attention with enable_gqa); forced here under CPU bfloat16 autocast, the model is one
+    graph for torch.compile, and the branch gives the expanded K/V's result."""
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                head_dim=8, intermediate_size=48, max_seq_len=32), verbose=False)
     assert not any(b.self_attn.flash_gqa for b in m.layers)  # a CPU
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -312,24 +335,12 @@ def test_compiles_to_one_graph():
 
 
 def test_fp32_residual_keeps_float16_finite():
-    """A residual stream that outgrows float16 (Qwen2's massive activations, in miniature: 3e4 in one channel, then
-    two blocks adding ~2e4 each): float16 throughout gives inf; float16 blocks over a float32 residual stream match
-    the float32 model."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=48,
-                      max_seq_len=32)
-    ref = Transformer(cfg, verbose=False).eval()
-    with torch.no_grad():
-        ref.embed_tokens.weight[:, 0] = 3e4  # the normalized input is then ~sqrt(32) in channel 0 and ~0 elsewhere
-        for b in ref.layers:
-            b.self_attn.o_proj.weight.zero_()
-            for w in (b.mlp.gate_proj.weight, b.mlp.up_proj.weight):
-                w.zero_()[:, 0] = 1.0  # every neuron: silu(5.66) * 5.66 ~ 32
-            b.mlp.down_proj.weight.zero_()[0] = 13.0  # 48 neurons * 32 * 13 ~ 2e4 into channel 0
+    """A residual stream that outgrows float16 (conftest's loud model: Qwen2's massive activations
+    in miniature): float16 throughout gives inf; float16 blocks over a float32 residual stream
+    match the float32 model."""
+    ref = make_loud_model()
     x = torch.randint(0, 64, (2, 16))
-    half = Transformer(cfg, verbose=False).eval()
-    half.load_state_dict(ref.state_dict())
-    half.half()
+    half = copy.deepcopy(ref).half()
     with torch.no_grad():
         expected = ref(x)
         assert not torch.isfinite(half(x)).all()  # 3e4 + 2e4 + 2e4 > 65,504
@@ -337,7 +348,8 @@ def test_fp32_residual_keeps_float16_finite():
         h = half(x)
     assert h.dtype == torch.float32 and torch.isfinite(h).all()
     assert (h - expected).abs().max().item() <= 2e-3 * expected.abs().max().item()
-    assert half.generate(x[:1, :4], 3, temperature=0).shape == (1, 7)  # float32 hidden states, float16 head
+    # float32 hidden states, a float16 head
+    assert half.generate(x[:1, :4], 3, temperature=0).shape == (1, 7)
 
 
 def test_flops_per_token():
@@ -346,5 +358,7 @@ def test_flops_per_token():
         teacher = Transformer(CONFIGS["qwen2.5-0.5b"], verbose=False)
     s_body, s_head = student.flops_per_token(512)
     t_body, t_head = teacher.flops_per_token(512, backward=False)
-    assert s_head == 6 * 151_936 * 512 and t_head == 2 * 151_936 * 896  # the heads run inside the float32 loss
-    assert round((s_body + s_head + t_body + t_head) / 1e9, 2) == 1.81  # a distillation step, per token
+    # the heads run inside the float32 loss
+    assert s_head == 6 * 151_936 * 512 and t_head == 2 * 151_936 * 896
+    # a distillation step, per token
+    assert round((s_body + s_head + t_body + t_head) / 1e9, 2) == 1.81

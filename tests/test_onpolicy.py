@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import onpolicy
-from conftest import REPO, TINY, read_log, run
+from conftest import REPO, TINY, assert_one_line_error, read_log, run_script
 from model import ModelConfig, Transformer, sample_next
 
 
@@ -128,7 +128,8 @@ ON = ["--onpolicy_tokens=16", "--alpha=0.9", "--learning_rate=3e-3", "--warmup_i
 @pytest.fixture(scope="module")
 def onpolicy_run(tmp_path_factory, data, model_dir):
     out = tmp_path_factory.mktemp("onpolicy")
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *TINY, *ON)
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}",
+                   *TINY, *ON)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -147,8 +148,8 @@ def test_an_on_policy_run_logs_its_generation(onpolicy_run):
 @pytest.mark.slow
 def test_resume_in_the_middle_of_an_on_policy_run_is_exact(onpolicy_run, data, model_dir, tmp_path):
     args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *ON]
-    assert run(*args, "--max_iters=8").returncode == 0
-    r = run(*args, "--init_from=resume")
+    assert run_script("distill.py", *args, "--max_iters=8").returncode == 0
+    r = run_script("distill.py", *args, "--init_from=resume")
     assert r.returncode == 0, r.stderr
     timing = ("tokens_per_sec", "peak_mem_gb", "gen_share")
     strip = lambda rows: [{k: v for k, v in x.items() if k not in timing} for x in rows]  # noqa: E731
@@ -160,8 +161,8 @@ def test_resume_in_the_middle_of_an_on_policy_run_is_exact(onpolicy_run, data, m
 
 @pytest.mark.slow
 def test_a_share_of_the_steps_is_on_policy(data, model_dir, tmp_path):
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *ON,
-            "--onpolicy_share=0.5", "--max_iters=6")
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}",
+                   f"--out_dir={tmp_path}", *TINY, *ON, "--onpolicy_share=0.5", "--max_iters=6")
     assert r.returncode == 0, r.stderr
     assert [r["own_kl"] is not None for r in read_log(tmp_path)[0]] == [False, True] * 3
 
@@ -228,11 +229,9 @@ def test_two_processes_give_one_processs_gradient(tmp_path):
     (["--onpolicy_kind=kl"], "onpolicy_kind='kl': must be one of forward_kl, reverse_kl, jsd"),
 ], ids=["longer than the window", "no teacher", "teacher cache", "share", "kind"])
 def test_bad_on_policy_settings_are_one_line(extra, message, data, model_dir, tmp_path):
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
-            *[e.format(tmp=tmp_path) for e in extra])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("distill.py: error: ")
-    assert message in lines[0], lines[0]
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}",
+                   f"--out_dir={tmp_path / 'out'}", *TINY, *[e.format(tmp=tmp_path) for e in extra])
+    assert_one_line_error(r, "distill.py", message)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -245,8 +244,9 @@ def test_on_policy_with_each_way_to_train(extra, data, model_dir, tmp_path):
     """On-policy steps under autocast (float16's GradScaler), torch.compile, a pruned start and two
     processes: the run finishes, every row finite, its own positions counted."""
     ddp = extra == "ddp"
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *ON,
-            "--max_iters=4", *([] if ddp else extra), ddp=ddp, timeout=600)
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}",
+                   f"--out_dir={tmp_path}", *TINY, *ON, "--max_iters=4", *([] if ddp else extra),
+                   ddp=ddp, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     train, evals = read_log(tmp_path)
     assert [row["iter"] for row in train] == list(range(4))

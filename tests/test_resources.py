@@ -15,7 +15,15 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, make_loud_model_dir, read_log, run
+from conftest import (
+    ENV,
+    REPO,
+    TINY,
+    assert_one_line_error,
+    make_loud_model_dir,
+    read_log,
+    run_script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,15 +86,14 @@ runpy.run_path(script, run_name="__main__")
 
 def faulty(script, spec, *args, cwd=None, timeout=300):
     """script (a file of the repository) with these arguments, under INJECT's fault spec."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "-c", INJECT, json.dumps(spec),
                            os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd or os.path.dirname(REPO), timeout=timeout)
+                          text=True, env=ENV, cwd=cwd or os.path.dirname(REPO), timeout=timeout)
 
 
 def one_line(r, script, *parts):
-    """exit status 1, no traceback, and one error line, SCRIPT: error: ..., the last on stderr
-    (after eval.py's notes), that holds every part."""
+    """conftest.assert_one_line_error, but for eval.py's notes allowed above the error line:
+    exit status 1, no traceback, one error line, the last on stderr, that holds every part."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [line for line in lines if line.startswith(f"{script}: error: ")]
@@ -111,10 +118,11 @@ TIMING = ("tokens_per_sec", "peak_mem_gb", "mfu")
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, data, model_dir):
+def straight(tmp_path_factory, data, model_dir):  # this file's own: shorter than conftest's
     """A 12-iteration run, evals and checkpoints at 0, 4, 8 and 12: how each resumed run ends."""
     out = tmp_path_factory.mktemp("straight12")
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *TINY, *LEARN)
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}",
+                   *TINY, *LEARN)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -146,7 +154,7 @@ def test_a_full_disk_during_a_run(target, nth, after, straight, data, model_dir,
     ckpt = weights(tmp_path)  # the last good one: iter 0, where the next failed; 12, finished
     assert ckpt["version"] == 2 and ckpt["iter_num"] % 4 == 0
     assert ckpt["iter_num"] == {"ckpt.pt.tmp": 0, "model.safetensors.tmp": 12}.get(target, 8)
-    r = run(*args, "--init_from=resume")
+    r = run_script("distill.py", *args, "--init_from=resume")
     assert r.returncode == 0, r.stderr
     same_run(tmp_path, straight)
     assert os.path.exists(tmp_path / "hf" / "model.safetensors")
@@ -162,7 +170,7 @@ def test_a_full_disk_while_the_cache_is_built(data, model_dir, tmp_path):
              "make room, then rerun the same command")
     no_tmp(tmp_path)
     assert not os.path.exists(tmp_path / "cache" / "meta.json")
-    r = run(*args)
+    r = run_script("distill.py", *args)
     assert r.returncode == 0 and "built the teacher cache" in r.stdout, r.stderr
 
 
@@ -268,10 +276,9 @@ def test_a_checkpoint_of_another_version(edit, message, straight, data, model_di
     edit(ckpt)
     torch.save(ckpt, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}", *TINY, *LEARN,
-            "--init_from=resume")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={out}",
+                   *TINY, *LEARN, "--init_from=resume")
+    assert_one_line_error(r, "distill.py", message)
     assert (out / "ckpt.pt").read_bytes() == before
     if "optimizer" not in ckpt:
         r = faulty("sample.py", {}, f"--init_from={out}", "--device=cpu", "--num_samples=1",
@@ -291,22 +298,23 @@ def test_a_damaged_teacher_and_an_overflowing_one(tokenizer_dir, data, tmp_path)
         damaged.layers[0].mlp.up_proj.weight[3, 3] = float("nan")
     hf.save(damaged, tmp_path / "damaged", tokenizer_dir=tokenizer_dir)
     common = [f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=2"]
-    r = run(*common, f"--teacher={tmp_path / 'damaged'}")
+    r = run_script("distill.py", *common, f"--teacher={tmp_path / 'damaged'}")
     assert r.returncode == 1 and "the teacher's weights hold NaN or inf (layers.0.mlp.up_proj" \
         ".weight): the files in" in r.stderr and "download them again" in r.stderr, r.stderr
-    r = run(*common, f"--teacher={loud}", "--teacher_dtype=float16",
+    r = run_script("distill.py", *common, f"--teacher={loud}", "--teacher_dtype=float16",
             "--teacher_fp32_residual=False")
     assert r.returncode == 1 and "non-finite teacher output at iter 0: its activations overflow " \
         "float16; try --teacher_dtype=float32" in r.stderr, r.stderr
-    r = run(*common, f"--teacher={loud}", "--teacher_dtype=float16")  # the guard on: it trains
+    # the guard on: it trains
+    r = run_script("distill.py", *common, f"--teacher={loud}", "--teacher_dtype=float16")
     assert r.returncode == 0, r.stderr
 
 
 def test_a_warmup_longer_than_the_run_is_a_warning(data, model_dir, tmp_path):
     """docs/training.md's tiny recipe once left warmup_iters at 500 for a 40-iteration run: the
     learning rate never passed 8% of its value, and nothing was learned. Now it says so."""
-    r = run(f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY,
-            "--max_iters=4", "--lr_decay_iters=4")
+    r = run_script("distill.py", f"--data_dir={data}", f"--teacher={model_dir}",
+                   f"--out_dir={tmp_path}", *TINY, "--max_iters=4", "--lr_decay_iters=4")
     assert r.returncode == 0, r.stderr
     assert ("warning: warmup_iters=500 is not shorter than the run (4 iters, the decay 4): the "
             "learning rate peaks at 0.8% of learning_rate; set --warmup_iters to about a tenth of "
@@ -317,8 +325,9 @@ def test_a_resumed_run_logs_the_straight_runs_rows(straight, data, model_dir, tm
     """teacher_val_ce is in a run's first eval row only: a resume takes it from the log instead of
     logging it again, so its rows are a straight run's, key for key."""
     args = [f"--data_dir={data}", f"--teacher={model_dir}", f"--out_dir={tmp_path}", *TINY, *LEARN]
-    assert run(*args, "--max_iters=8").returncode == 0  # its end is an eval of the straight run
-    assert run(*args, "--init_from=resume").returncode == 0
+    # its end is an eval of the straight run
+    assert run_script("distill.py", *args, "--max_iters=8").returncode == 0
+    assert run_script("distill.py", *args, "--init_from=resume").returncode == 0
     same_run(tmp_path, straight)
     assert [("teacher_val_ce" in r) for r in read_log(tmp_path)[1]] == [True, False, False, False]
 

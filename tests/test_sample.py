@@ -1,27 +1,21 @@
-"""sample.py as a user runs it: greedy output equals transformers' greedy generate on the same checkpoint."""
+"""sample.py as a user runs it: greedy output equals transformers' greedy generate on the same
+checkpoint."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, make_loud_model_dir, make_model_dir
+from conftest import assert_one_line_error, make_loud_model_dir, make_model_dir, run_script
 
-
-def run_sample(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=os.path.dirname(REPO), timeout=120)
+pytestmark = pytest.mark.slow
 
 
 def test_greedy_sample_equals_transformers(model_dir):
-    r = run_sample(f"--init_from={model_dir}", "--start=维基百科是", "--num_samples=1", "--max_new_tokens=24",
-                   "--temperature=0", "--device=cpu")
+    r = run_script("sample.py", f"--init_from={model_dir}", "--start=维基百科是", "--num_samples=1",
+                   "--max_new_tokens=24", "--temperature=0", "--device=cpu")
     assert r.returncode == 0, r.stderr
     text = r.stdout.split("\n---------------")[0]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -33,43 +27,46 @@ def test_greedy_sample_equals_transformers(model_dir):
 
 
 def test_sampling_is_seeded(model_dir):
-    args = [f"--init_from={model_dir}", "--num_samples=2", "--max_new_tokens=10", "--top_k=20", "--top_p=0.9",
-            "--temperature=1.5", "--seed=3"]
-    a, b = run_sample(*args), run_sample(*args)
+    args = [f"--init_from={model_dir}", "--num_samples=2", "--max_new_tokens=10", "--top_k=20",
+            "--top_p=0.9", "--temperature=1.5", "--seed=3"]
+    a, b = run_script("sample.py", *args), run_script("sample.py", *args)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.count("---------------") == 2
 
 
 def test_prompt_from_file(model_dir, tmp_path):
     (tmp_path / "p.txt").write_text("北京是", encoding="utf-8")
-    r = run_sample(f"--init_from={model_dir}", f"--start=FILE:{tmp_path / 'p.txt'}", "--num_samples=1",
-                   "--max_new_tokens=3", "--temperature=0")
+    r = run_script("sample.py", f"--init_from={model_dir}", f"--start=FILE:{tmp_path / 'p.txt'}",
+                   "--num_samples=1", "--max_new_tokens=3", "--temperature=0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("北京是")
 
 
 def test_a_float16_model_keeps_a_float32_residual_stream(tmp_path, tokenizer_dir):
-    """--dtype=float16 (what a T4 gets by default) on a model whose residual stream outgrows float16: sample.py
-    keeps that stream in float32, as distill.py's teacher, so no inf/NaN reaches the sampler."""
+    """--dtype=float16 (what a T4 gets by default) on a model whose residual stream outgrows
+    float16: sample.py keeps that stream in float32, as distill.py's teacher, so no inf/NaN reaches
+    the sampler."""
     loud = make_loud_model_dir(tmp_path / "loud", tokenizer_dir)
-    r = run_sample(f"--init_from={loud}", "--dtype=float16", "--device=cpu", "--num_samples=1", "--max_new_tokens=8",
-                   "--temperature=0.8")
+    r = run_script("sample.py", f"--init_from={loud}", "--dtype=float16", "--device=cpu",
+                   "--num_samples=1", "--max_new_tokens=8", "--temperature=0.8")
     assert r.returncode == 0, r.stderr
     assert "float16" in r.stderr and r.stdout.count("---------------") == 1
 
 
 @pytest.fixture(scope="module")
-def odd(tmp_path_factory, model_dir):
-    """Bad inputs, built once: a run whose ckpt.pt was cut short, a model without tokenizer files, a long prompt."""
+def odd(tmp_path_factory, model_dir, tokenizer_dir):
+    """Bad inputs, built once: a run whose ckpt.pt is not even a zip, a model without tokenizer
+    files, a model whose weights were cut short, a long prompt."""
     d = tmp_path_factory.mktemp("odd_sample")
     (d / "cut_run").mkdir()
-    shutil.copy(os.path.join(model_dir, "model.safetensors"), d / "cut_run" / "ckpt.pt")  # not even a zip
+    shutil.copy(os.path.join(model_dir, "model.safetensors"), d / "cut_run" / "ckpt.pt")
     no_tokenizer = make_model_dir(d / "no_tokenizer")
-    cut_model = make_model_dir(d / "cut_model", os.path.dirname(os.path.join(model_dir, "tokenizer.json")))
+    cut_model = make_model_dir(d / "cut_model", tokenizer_dir)
     with open(os.path.join(cut_model, "model.safetensors"), "r+b") as f:
         f.truncate(1000)
     (d / "long.txt").write_text("维基百科是一个自由内容的百科全书。" * 20, encoding="utf-8")
-    return dict(cut_run=d / "cut_run", no_tokenizer=no_tokenizer, cut_model=cut_model, long=d / "long.txt")
+    return dict(cut_run=d / "cut_run", no_tokenizer=no_tokenizer, cut_model=cut_model,
+                long=d / "long.txt")
 
 
 BAD = {  # settings -> the one line's words
@@ -87,9 +84,12 @@ BAD = {  # settings -> the one line's words
     "dtype": (["--dtype=float64"], "dtype='float64': must be one of auto, float32"),
     "no cuda": (["--device=cuda"], "device=cuda, but this machine has no CUDA device(s)"),
     "damaged checkpoint": (["--init_from={cut_run}"], "ckpt.pt is damaged and cannot be read"),
-    "damaged weights": (["--init_from={cut_model}"], "model.safetensors is damaged and cannot be read"),
+    "damaged weights": (["--init_from={cut_model}"],
+                        "model.safetensors is damaged and cannot be read"),
     "no tokenizer": (["--init_from={no_tokenizer}"], "cannot encode ordinary text"),
 }
+# a fresh interpreter (conftest.run_script) for one of each kind: a setting, a model, a prompt
+REAL = {"misspelt", "damaged checkpoint", "long prompt"}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -97,7 +97,6 @@ def test_bad_input_is_one_clear_line(case, tmp_path, model_dir, odd):
     args, message = BAD[case]
     (tmp_path / "empty").mkdir()
     names = dict(odd, missing=tmp_path / "none", empty=tmp_path / "empty")
-    r = run_sample(f"--init_from={model_dir}", "--device=cpu", *[a.format(**names) for a in args])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and message in lines[0], r.stderr
+    r = run_script("sample.py", f"--init_from={model_dir}", "--device=cpu",
+                   *[a.format(**names) for a in args], fresh=case in REAL)
+    assert_one_line_error(r, "sample.py", message)

@@ -1,33 +1,27 @@
-"""Speculative decoding: the accept/reject rule keeps the target's distribution, the generator is exact, the KV
-cache extends by several tokens and rolls back, transformers takes our student as an assistant, sample.py --draft."""
+"""Speculative decoding: the accept/reject rule keeps the target's distribution, the generator is
+exact, the KV cache extends by several tokens and rolls back, transformers takes our student as an
+assistant, sample.py --draft."""
 
 import pytest
 import torch
 
 import hf
-from conftest import make_model_dir
-from model import KVCache, ModelConfig, Transformer, filtered_probs
 import speculative
+from conftest import make_model_dir, random_model, run_script, tiny_config
+from model import KVCache, filtered_probs
 from speculative import accept as speculative_accept
-from test_sample import run_sample
 
 V = 16  # a tiny vocabulary: every id is drawn often enough to test the distribution
 
 
-def tiny(seed, vocab_size=V, **kw):
-    torch.manual_seed(seed)
-    args = dict(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
-                intermediate_size=48, max_seq_len=64, rope_theta=10000.0)
-    model = Transformer(ModelConfig(**dict(args, **kw)), verbose=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model.eval()
+def tiny(seed, vocab_size=V, **kw):  # conftest's tiny model at max_seq_len 64 (unless kw says)
+    return random_model(tiny_config(**dict(vocab_size=vocab_size, max_seq_len=64) | kw), seed)
 
 
 def chi2_ok(counts, p):
-    """counts (V,) drawn from p (V,): no draw where p is 0, and the chi-square statistic below df + 6 sd (its
-    mean is df, its sd sqrt(2 df)): a test at about 1e-6 that is fixed by the seed anyway."""
+    """counts (V,) drawn from p (V,): no draw where p is 0, and the chi-square statistic below df +
+    6 sd (its mean is df, its sd sqrt(2 df)): a test at about 1e-6 that is fixed by the seed
+    anyway."""
     n, live = counts.sum(), p > 0
     if counts[~live].sum() > 0:  # drew an id that has no probability
         return False
@@ -38,7 +32,8 @@ def chi2_ok(counts, p):
 
 
 def first_emitted(p, q, N):
-    """The first token emitted by speculative_accept over N rows of the same p (g + 1, V) and q (g, V)."""
+    """The first token emitted by speculative_accept over N rows of the same p (g + 1, V) and q (g,
+    V)."""
     g = q.size(0)
     P, Q = p.expand(N, -1, -1), q.expand(N, -1, -1)
     drafted = torch.multinomial(Q.reshape(N * g, V), 1).view(N, g)
@@ -48,7 +43,8 @@ def first_emitted(p, q, N):
 
 
 @pytest.mark.parametrize("g", [1, 3])
-@pytest.mark.parametrize("sampling", [(1.0, None, None), (0.8, 6, None), (1.3, None, 0.8), (1.0, 10, 0.9)])
+@pytest.mark.parametrize("sampling", [(1.0, None, None), (0.8, 6, None), (1.3, None, 0.8),
+                                      (1.0, 10, 0.9)])
 def test_accept_rule_keeps_the_target_distribution(g, sampling):
     torch.manual_seed(g)
     z_p, z_q = torch.randn(g + 1, V) * 1.5, torch.randn(g, V) * 1.5  # two unrelated models' logits
@@ -56,7 +52,7 @@ def test_accept_rule_keeps_the_target_distribution(g, sampling):
     first, n = first_emitted(p, q, 100_000)
     counts = torch.bincount(first, minlength=V).double()
     assert chi2_ok(counts, p[0].double())
-    assert not chi2_ok(counts, q[0].double())  # the test can tell the draft's distribution from the target's
+    assert not chi2_ok(counts, q[0].double())  # it tells the draft's distribution from the target's
     a = torch.minimum(p[0], q[0]).sum().item()  # the first draft's acceptance is sum min(p, q)
     assert (n > 0).double().mean().item() == pytest.approx(a, abs=0.006)
 
@@ -73,8 +69,9 @@ def test_accept_rule_at_p_equal_q():
 
 
 def test_generator_keeps_the_target_distribution():
-    """End to end through the real generator: the first two tokens' joint distribution (the second comes from the
-    bonus after an accepted draft, or from the next call after a rollback) is the teacher's."""
+    """End to end through the real generator: the first two tokens' joint distribution (the second
+    comes from the bonus after an accepted draft, or from the next call after a rollback) is the
+    teacher's."""
     teacher, draft = tiny(0, vocab_size=8, n_layer=1), tiny(1, vocab_size=8, n_layer=1)
     prompt, sampling = torch.tensor([[3, 1, 4]]), (1.2, 6, None)
     torch.manual_seed(0)
@@ -98,7 +95,8 @@ def test_greedy_equals_the_teachers_greedy(g):
         out = speculative.generate(teacher, draft, prompt, 40, 0.0, draft_len=g, stats=stats)
         assert torch.equal(out, teacher.generate(prompt, 40, 0.0))
         assert out.size(1) == 45 and 0 <= stats["accepted"] <= stats["drafted"]
-        assert out.size(1) - 5 == stats["accepted"] + stats["calls"]  # every call: its accepted drafts + one
+        # every call: its accepted drafts and one more
+        assert out.size(1) - 5 == stats["accepted"] + stats["calls"]
     assert stats["accepted"] == stats["drafted"]  # the teacher drafting for itself
     # max_seq_len inside a drafted block: it stops there, the same as without a draft
     long = speculative.generate(teacher, draft, prompt, 100, 0.0, draft_len=g)
@@ -115,18 +113,22 @@ def test_a_draft_with_a_shorter_context_drafts_until_it_is_full():
     teacher = tiny(0, vocab_size=64)  # max_seq_len 64
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
     plain = teacher.generate(prompt, 40, 0.0)
-    for draft_len, draft_context in ((3, 15), (3, 4)):  # drafts to its last position; a prompt longer than 4: none
+    # it drafts up to its last position; with a prompt longer than 4, none
+    for draft_len, draft_context in ((3, 15), (3, 4)):
         stats = {}
-        short = tiny(0, vocab_size=64, max_seq_len=draft_context)  # the teacher's weights: every draft passes
-        assert torch.equal(speculative.generate(teacher, short, prompt, 40, 0.0, draft_len=draft_len,
-                                                stats=stats), plain)
+        # the teacher's weights: every draft passes
+        short = tiny(0, vocab_size=64, max_seq_len=draft_context)
+        out = speculative.generate(teacher, short, prompt, 40, 0.0, draft_len=draft_len,
+                                   stats=stats)
+        assert torch.equal(out, plain)
         assert stats["accepted"] == stats["drafted"] == (9 if draft_context == 15 else 0)
 
 
 def test_draft_must_share_the_vocabulary_and_batch_size_is_one():
     teacher = tiny(0)
     with pytest.raises(ValueError, match="vocabulary"):
-        speculative.generate(teacher, tiny(1, vocab_size=V + 1), torch.ones(1, 3, dtype=torch.long), 4)
+        speculative.generate(teacher, tiny(1, vocab_size=V + 1), torch.ones(1, 3, dtype=torch.long),
+                             4)
     with pytest.raises(ValueError, match="batch size 1"):
         speculative.generate(teacher, tiny(1), torch.ones(2, 3, dtype=torch.long), 4)
 
@@ -141,40 +143,44 @@ def test_cache_extends_by_several_tokens_and_rolls_back(n_kv_head):
         parts = [model(idx[:, :5], cache), model(idx[:, 5:6], cache)]  # a prefill, one token
         model(torch.randint(0, 64, (2, 4)), cache)  # four tokens the check rejects ...
         cache.pos = 6  # ... rolled back
-        parts += [model(idx[:, 6:10], cache), model(idx[:, 10:14], cache)]  # several tokens at pos > 0
+        # several tokens at pos > 0
+        parts += [model(idx[:, 6:10], cache), model(idx[:, 10:14], cache)]
     assert cache.pos == 14
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
 def test_transformers_takes_our_student_as_assistant(tmp_path, tokenizer_dir):
-    """Our export beside a teacher of the same vocabulary: transformers' assisted generation (greedy) gives the
-    teacher's own greedy output, and so does ours."""
+    """Our export beside a teacher of the same vocabulary: transformers' assisted generation
+    (greedy) gives the teacher's own greedy output, and so does ours."""
     from transformers import AutoModelForCausalLM
 
     teacher_dir = make_model_dir(tmp_path / "teacher", tokenizer_dir, seed=0)
-    student_dir = make_model_dir(tmp_path / "student", tokenizer_dir, seed=1, n_layer=1, n_embd=16, n_head=2,
-                                 n_kv_head=1, intermediate_size=32)
+    student_dir = make_model_dir(tmp_path / "student", tokenizer_dir, seed=1, n_layer=1, n_embd=16,
+                                 n_head=2, n_kv_head=1, intermediate_size=32)
     t, s = (AutoModelForCausalLM.from_pretrained(d).eval() for d in (teacher_dir, student_dir))
     idx = torch.randint(1, 320, (1, 6), generator=torch.Generator().manual_seed(0))
     plain = t.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assisted = t.generate(idx, assistant_model=s, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+    assisted = t.generate(idx, assistant_model=s, max_new_tokens=20, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
     assert torch.equal(assisted, plain)
     ours_t, ours_s = (hf.load(d, verbose=False) for d in (teacher_dir, student_dir))
     assert torch.equal(speculative.generate(ours_t, ours_s, idx, 20, 0.0, draft_len=4), plain)
 
 
+@pytest.mark.slow
 def test_sample_with_a_draft(tmp_path, model_dir, tokenizer_dir):
     draft = make_model_dir(tmp_path / "draft", tokenizer_dir, seed=1, n_layer=1)
-    args = [f"--init_from={model_dir}", "--start=维基百科是", "--num_samples=2", "--max_new_tokens=200",
-            "--temperature=0", "--device=cpu"]
-    plain, spec = run_sample(*args), run_sample(*args, f"--draft={draft}", "--draft_len=3")
+    args = ["sample.py", f"--init_from={model_dir}", "--start=维基百科是", "--num_samples=2",
+            "--max_new_tokens=200", "--temperature=0", "--device=cpu"]
+    plain, spec = run_script(*args), run_script(*args, f"--draft={draft}", "--draft_len=3")
     assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
     assert spec.stdout == plain.stdout
     lines = spec.stderr.splitlines()
     notes = [line for line in lines if line.startswith("draft: ")]
     assert len(notes) == 2 and "accepted" in notes[0] and "tokens per teacher call" in notes[0]
-    # max_seq_len (128) cuts the samples short: the note is a line of its own before them, not inside the text
+    # max_seq_len (128) cuts the samples short: the note is a line of its own before them, not
+    # inside the text
     note = next(i for i, line in enumerate(lines) if line.startswith("note: stopping after"))
-    assert "max_seq_len=128" in lines[note] and note < next(i for i, line in enumerate(lines) if "tokens/s" in line)
+    first = next(i for i, line in enumerate(lines) if "tokens/s" in line)
+    assert "max_seq_len=128" in lines[note] and note < first
     assert "note" not in spec.stdout

@@ -1,4 +1,5 @@
 """The version floor of requirements.txt is the one the code checks."""
+
 import os
 import re
 import sys
@@ -6,10 +7,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+from conftest import REPO
 
 
 def test_torch_below_the_floor_is_one_line(monkeypatch):
@@ -17,8 +16,8 @@ def test_torch_below_the_floor_is_one_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["distill.py"])
     with pytest.raises(SystemExit) as e:
         common.check_torch()
-    assert str(e.value) == ("distill.py: error: torch 2.9.1+cu128 is installed; this code needs torch >= 2.10 "
-                            "(pip install 'torch>=2.10')")
+    assert str(e.value) == ("distill.py: error: torch 2.9.1+cu128 is installed; this code needs "
+                            "torch >= 2.10 (pip install 'torch>=2.10')")
     monkeypatch.setattr(torch, "__version__", "2.10.0")
     common.check_torch()
 
