@@ -38,7 +38,7 @@ def test_kd_vs_ce_tiny(tmp_path):
     assert (out / "results.md").read_text().startswith("teacher val CE")
     # a rerun into the same OUT reuses the finished students and trains only the new arm
     r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", f"--out={out}", "--seeds", "1",
-                   "--arms", "kd", "prune:learning_rate=1e-3")
+                   "--arms=kd,prune:learning_rate=1e-3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "kd_seed1: reusing" in r.stdout
     assert "prune_learning_rate=1e-3_seed1: reusing" not in r.stdout
@@ -49,7 +49,7 @@ def test_kd_vs_ce_tiny(tmp_path):
     # other settings asked for: what they change is rebuilt, not reused (and the table's label
     # follows)
     r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", f"--out={out}", "--seeds", "1",
-                   "--arms", "kd", "--temperature=1.0", "--alpha=0.25")
+                   "--arms=kd", "--temperature=1.0", "--alpha=0.25")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "teacher: reusing" in r.stdout and "kd_seed1: reusing" not in r.stdout, r.stdout
     assert "kd_seed1" in r.stdout, r.stdout
