@@ -67,3 +67,31 @@ def test_kd_vs_ce_tiny(tmp_path):
                        fresh=not where)
         assert_one_line_error(r, "kd_vs_ce.py", "holds the tiny size's runs")
     assert (out / "results.json").read_text() == before  # the tiny runs' results untouched
+
+
+def test_kd_vs_ce_on_policy_and_drafts(tmp_path):
+    """The on-policy experiment's path at the tiny size: an on-policy arm beside kd, its cost
+    (seconds per step, the generation's share), then --drafts: eval.py at T 1 and greedy on every
+    student and draft_table.py's table, the on-policy arm against kd seed by seed."""
+    rng, corpus = random.Random(1), tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(80):
+            f.write(json.dumps({"text": "".join(rng.sample(CORPUS, 3))}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    r = run_script(KD_VS_CE, f"--corpus={corpus}", "--size=tiny", f"--out={out}", "--seeds=1",
+                   "--arms=kd,onpolicy:onpolicy_kind=jsd", "--drafts", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    arm = "onpolicy_onpolicy_kind=jsd"
+    assert set(res["arms"]) == {"kd", arm}
+    assert 0 < res["costs"][f"{arm}_seed1"]["gen_share"] < 1
+    assert res["costs"]["kd_seed1"]["gen_share"] is None
+    assert res["costs"]["kd_seed1"]["seconds_per_step"] > 0
+    table = (out / "drafts.md").read_text()
+    for row in ("a at T 1 along its own samples, offset 1", "teacher NLL of its own samples",
+                "repeated 4-grams in its own samples (greedy)", "seconds per training step"):
+        assert row in table, table
+    assert table.startswith(f"| | kd | {arm} | {arm} - kd, seed by seed |"), table
+    for t in (1, 0):
+        students = json.loads((out / f"eval_t{t}.json").read_text())["students"]
+        assert len(students) == 2
