@@ -67,6 +67,9 @@ def configure(g, argv=None, plain=None):
         if not arg.startswith("--") and plain:  # collected: plot.py's runs
             g[plain] = ",".join(filter(None, [g[plain], arg]))
         elif not arg.startswith("--"):  # a config file
+            if not arg.endswith(".py"):  # --t1 a b: b would be run as Python, and silently lost
+                fail(f"{arg}: a config file is a .py file; give a setting as --key=VALUE "
+                     "(several values comma-separated, where a setting takes several)")
             path = arg if os.path.exists(arg) else os.path.join(REPO, arg)
             if not os.path.exists(path):
                 here_is_repo = os.path.realpath(os.getcwd()) == os.path.realpath(REPO)

@@ -49,3 +49,11 @@ def test_key_space_value_and_bare_flags(monkeypatch, tmp_path):
         configurator.configure(dict(g), ["--batch_size"])
     got = configurator.configure(dict(g), ["a", "--batch_size=2", "b"], plain="runs")
     assert got["runs"] == "a,b"
+
+
+def test_a_plain_argument_that_is_not_a_config_file(monkeypatch, tmp_path):
+    """--t1 a.json b.json: b.json is neither a setting nor a config file; it used to be run as
+    Python (a JSON object is a valid expression) and silently dropped."""
+    (tmp_path / "b.json").write_text('{"students": {}}')
+    with pytest.raises(SystemExit, match="b.json: a config file is a .py file; give a setting as"):
+        settings(["--out_dir", "a", "b.json"], tmp_path, monkeypatch)

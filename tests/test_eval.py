@@ -101,8 +101,8 @@ def test_draft_table_groups_arms_and_seeds(tmp_path):
                         for arm in ("kd", "ce") for s in seeds}
             files[run, part] = tmp_path / f"{part}_{run}.json"
             files[run, part].write_text(json.dumps({"students": students}))
-    r = run_script("experiments/draft_table.py", "--t1", files["t1", "a"], files["t1", "b"], "--t0",
-                   files["t0", "a"], files["t0", "b"])
+    r = run_script("experiments/draft_table.py", f"--t1={files['t1', 'a']},{files['t1', 'b']}",
+                   f"--t0={files['t0', 'a']},{files['t0', 'b']}")
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("| val CE"))
     assert row == "| val CE | 4.000 ± 2.000 | 2.000 ± 1.000 | +1.000, +2.000, +3.000 |"
