@@ -121,6 +121,21 @@ def test_the_loss_of_an_on_policy_window_equals_full_logits(kind):
 # -----------------------------------------------------------------------------
 # through distill.py
 
+# conftest's straight run (TINY and LEARN, no on-policy step) as distill.py ran it at 89b5d54, the
+# commit before on-policy steps existed: its loss every 8th iteration and its val CE at each eval
+# (there, rows and weights were bit-identical to today's; the tolerance is for other CPUs)
+BEFORE_LOSS = [1.842741, 1.685507, 1.58207, 1.46116, 1.462171]
+BEFORE_VAL_CE = [5.705576, 5.558591, 5.747286, 5.829959, 5.83188]
+
+
+@pytest.mark.slow
+def test_without_on_policy_steps_a_run_is_the_run_from_before(straight):
+    train, evals = read_log(straight)
+    assert not any("own_kl" in r or "gen_share" in r for r in train)  # the rows of before
+    assert [r["loss"] for r in train[::8]] == pytest.approx(BEFORE_LOSS, rel=1e-4)
+    assert [r["val_ce"] for r in evals] == pytest.approx(BEFORE_VAL_CE, rel=1e-4)
+
+
 ON = ["--onpolicy_tokens=16", "--alpha=0.9", "--learning_rate=3e-3", "--warmup_iters=5",
       "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=4"]
 
