@@ -375,8 +375,10 @@ class progress:
         print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{end}",
               file=self.file, flush=True)
 
-    def close(self):
+    def close(self):  # done: a total that was an estimate becomes the count
+        self.total = self.n
         if self.bar is not None:
+            self.bar.total = self.n
             return self.bar.close()
         self.line(end=f", done in {self.clock() - self.start:.0f} s")
 

@@ -238,6 +238,8 @@ def test_the_command(bpe, tmp_path):
     progress = [line for line in r.stdout.splitlines() if line.startswith("tokenizing text:")]
     assert progress, r.stdout  # on stdout, with the first line: a log file (> log) gets both
     assert "done in" in progress[-1] and "left" not in progress[-1], r.stdout  # the total: a guess
+    done = f"{meta['text_bytes']:,}/{meta['text_bytes']:,} B"  # the last line reaches its total
+    assert progress[-1].startswith(f"tokenizing text: {done}"), progress[-1]
     before = snapshot(tmp_path / "OUT")
     write_jsonl(tmp_path / "docs.jsonl", DOCS[:40])
     r = run_script("prepare.py", "--input", "docs.jsonl,missing_too*.txt", f"--tokenizer={bpe[0]}",
