@@ -74,7 +74,7 @@ kd_chunk_size = 128  # tokens per chunk of the fused loss: a few (chunk, V) fp32
 onpolicy_tokens = 0  # tokens at the end of each window the student writes itself; 0: off
 onpolicy_share = 1.0  # share of the steps that are on-policy (GKD's lambda); the others as usual
 onpolicy_temperature = 1.0  # its sampling temperature; 1: the student's distribution, as it drafts
-onpolicy_kind = "reverse_kl"  # the divergence on the student's own tokens: any kd_kind
+onpolicy_kind = "reverse_kl"  # the divergence on its own tokens, any kd_kind; why: docs/onpolicy.md
 prune_windows = 256  # init_from=prune: train windows on which the teacher's pieces are ranked
 prune_layers = "importance"  # init_from=prune: layers kept: importance (1 - cos(in, out)) | even
 prune_width = "importance"  # init_from=prune: the channels, heads, neurons kept: importance | even
